@@ -1,0 +1,330 @@
+"""Typed job specs: one YAML file for a whole run, one dataclass per section, dotted overrides.
+
+Everything is checked before any model or GPU work: an unknown key, a wrong type or a missing
+required value is one error line naming the key (all problems at once, separated by "; ").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from medclf.errors import MedclfError
+
+
+def opt(default: Any, help: str) -> Any:
+    """A spec field with its default and a one-line meaning (shown by `medclf JOB --help`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# The original experiment kept specialties above 5% of rows and shortened two of the names.
+ORIGINAL_SHORT_NAMES = {
+    "Consult - History and Phy.": "Consult",
+    "Cardiovascular / Pulmonary": "Cardiovascular",
+}
+
+
+@dataclass
+class StorageSpec:
+    endpoint_url: Optional[str] = opt(None, "S3-compatible endpoint (MinIO, Ceph, ...); else AWS_ENDPOINT_URL")
+    profile: Optional[str] = opt(None, "AWS profile name; else AWS_PROFILE or the default chain")
+    region: Optional[str] = opt(None, "S3 region; else AWS_DEFAULT_REGION")
+    anon: bool = opt(False, "anonymous S3 access (public buckets)")
+    timeout_s: float = opt(60.0, "bound on any single storage request, so a stalled server cannot hang a job")
+    retries: int = opt(3, "attempts per S3 request before the job fails")
+
+
+@dataclass
+class PrepareSpec:
+    input: Optional[str] = opt(None, "URL of the raw MTSamples CSV (required for prepare)")
+    split: Literal["grouped", "random"] = opt(
+        "grouped", "grouped: all copies of a note on one side, stratified; random: the original row-wise split"
+    )
+    validation_fraction: float = opt(0.2, "share of rows (random) or notes (grouped) held out for validation")
+    min_class_share: float = opt(0.05, "default class rule: keep specialties above this share of all rows")
+    classes: Optional[dict[str, list[str]]] = opt(
+        None, "explicit classes: {class name: [specialty, ...]}; replaces the min_class_share rule"
+    )
+    short_names: dict[str, str] = opt(ORIGINAL_SHORT_NAMES, "specialty -> class name used by the default rule")
+
+
+@dataclass
+class MlmSpec:
+    model: str = opt("bert-base-uncased", "BERT-family checkpoint: hub id, local folder or fsspec URL of a folder")
+    train: Optional[str] = opt(None, "training CSV URL; default <out>/prepare/train.csv")
+    validation: Optional[str] = opt(None, "validation CSV for loss/perplexity; default <out>/prepare/validation.csv")
+    extra_text: list[str] = opt([], "more unlabeled CSV URLs (column text_column) to train on")
+    text_column: str = opt("transcription", "column holding the text")
+    max_length: int = opt(512, "tokens per packed block")
+    mlm_probability: float = opt(0.15, "share of tokens masked")
+    whole_word_masking: bool = opt(False, "mask all pieces of a word together")
+    epochs: int = opt(1, "passes over the training blocks")
+    max_steps: Optional[int] = opt(None, "stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = opt(32, "global batch in blocks per optimizer step, whatever the process count")
+    micro_batch_size: int = opt(8, "blocks per process per forward pass; accumulation makes up the rest")
+    lr: float = opt(5e-5, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and LayerNorm)")
+    warmup_ratio: float = opt(0.06, "share of steps spent warming the learning rate up linearly")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm; 0 disables")
+    eval_every: Optional[int] = opt(None, "evaluate every N steps (always before and after training)")
+    eval_seed: int = opt(1234, "seed of the fixed evaluation masks")
+    checkpoint_every: int = opt(500, "save a checkpoint every N steps (and at the end)")
+    keep_last: int = opt(3, "complete checkpoints kept")
+    resume: str = opt("auto", "auto: latest complete checkpoint if any; never; or a checkpoint URL")
+    log_every: int = opt(10, "log loss, lr, tokens/s and ETA every N steps")
+    report_to: str = opt("none", "accelerate trackers: none, tensorboard, wandb, ... (comma separated)")
+    num_workers: int = opt(0, "DataLoader worker processes")
+
+
+@dataclass
+class HeadSpec:
+    encoder: str = opt("pretrained", "pretrained (= mlm.model), adapted (= <out>/mlm/model), or a model URL")
+    name: Optional[str] = opt(None, "output folder <out>/head-<name>; default: the encoder keyword")
+    train: Optional[str] = opt(None, "training CSV URL; default <out>/prepare/train.csv")
+    validation: Optional[str] = opt(None, "validation CSV URL; default <out>/prepare/validation.csv")
+    pooling: Literal["cls", "mean"] = opt("cls", "sentence vector: [CLS] of the last layer, or the token mean")
+    freeze: bool = opt(True, "frozen encoder (features cached once); false fine-tunes everything")
+    max_length: int = opt(512, "tokens per note (longer notes are truncated)")
+    batch_size: int = opt(24, "global training batch")
+    encode_batch_size: int = opt(32, "notes per forward pass when encoding")
+    epochs: int = opt(8, "training epochs")
+    lr: float = opt(1e-3, "learning rate (AdamW); fine-tuning wants about 2e-5")
+    dropout: float = opt(0.2, "dropout between head layers")
+    seed: Optional[int] = opt(None, "seed for this head; default the run seed")
+
+
+@dataclass
+class EvaluateSpec:
+    head: str = opt("pretrained", "head name (<out>/head-<name>/model) or a classifier URL")
+    data: Optional[str] = opt(None, "CSV to evaluate; default <out>/prepare/validation.csv")
+
+
+@dataclass
+class CompareSpec:
+    encoders: list[str] = opt(["pretrained", "adapted"], "the two encoders compared (as in head.encoder)")
+    seeds: int = opt(5, "heads trained per encoder, seeds run seed .. seed+N-1")
+    bootstrap: int = opt(10000, "paired bootstrap resamples for the F1 difference interval")
+
+
+@dataclass
+class PredictSpec:
+    model: Optional[str] = opt(None, "classifier URL (a head's model folder)")
+    input: Optional[str] = opt(None, "CSV URL of notes to classify")
+    output: Optional[str] = opt(None, "CSV URL to write, rows in input order")
+    text_column: str = opt("transcription", "column holding the text")
+    batch_size: int = opt(64, "notes per forward pass")
+    chunk_rows: int = opt(20000, "rows read, classified and written at a time (bounded memory)")
+
+
+@dataclass
+class RunSpec:
+    out: Optional[str] = opt(None, "output URL of the run (local path, file://, s3://, memory://)")
+    overwrite: bool = opt(False, "replace outputs that already exist")
+    seed: int = opt(42, "seed for splits, initialisation, masking and data order")
+    storage: StorageSpec = opt(None, "storage options")
+    prepare: PrepareSpec = opt(None, "the prepare job")
+    mlm: MlmSpec = opt(None, "the masked-LM domain-adaptation job")
+    head: HeadSpec = opt(None, "the classification-head job")
+    evaluate: EvaluateSpec = opt(None, "the evaluate job")
+    compare: CompareSpec = opt(None, "the compare job")
+    predict: PredictSpec = opt(None, "the predict job")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is None and dataclasses.is_dataclass(_hints(type(self))[f.name]):
+                setattr(self, f.name, _hints(type(self))[f.name]())
+
+
+# Which keys each job cannot do without.
+REQUIRED = {
+    "prepare": ["out", "prepare.input"],
+    "mlm": ["out"],
+    "head": ["out"],
+    "evaluate": ["out"],
+    "compare": ["out"],
+    "predict": ["predict.model", "predict.input", "predict.output"],
+}
+
+
+# ---------------------------------------------------------------- loading and checking
+
+
+def load(job: str, spec_text: Optional[str], overrides: list[str], source: str = "spec") -> RunSpec:
+    """Build the RunSpec for `job` from YAML text and `key=value` overrides, or raise one MedclfError."""
+    problems: list[str] = []
+    raw: dict = {}
+    if spec_text is not None:
+        try:
+            raw = yaml.safe_load(spec_text) or {}
+        except yaml.YAMLError as e:
+            raise MedclfError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(raw, dict):
+            raise MedclfError(f"{source}: must be a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override {item!r}: expected key=value")
+            continue
+        path = resolve_key(job, key)
+        target = _type_at(RunSpec, path)
+        if target is None:
+            problems.append(f"{key}: unknown key")
+            continue
+        _set_path(raw, path, _parse_value(value, target))
+    spec = _build(RunSpec, raw, "", problems)
+    for key in REQUIRED.get(job, []):
+        if _get_path(spec, key.split(".")) in (None, ""):
+            problems.append(f"{key}: required for {job} but not set")
+    if problems:
+        raise MedclfError(f"{source}: " + "; ".join(problems))
+    return spec
+
+
+def resolve_key(job: str, key: str) -> list[str]:
+    """`mlm.lr` as given; a bare `lr` means the job's own section unless it is a top-level key."""
+    path = key.split(".")
+    top = {f.name for f in dataclasses.fields(RunSpec)}
+    if path[0] not in top and job in top:
+        path = [job] + path
+    return path
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_at(cls, path: list[str]) -> Any:
+    tp: Any = cls
+    for name in path:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = _hints(tp)
+        if name not in hints:
+            return None
+        tp = hints[name]
+    return tp
+
+
+def _parse_value(text: str, target: Any) -> Any:
+    # A string field keeps the text as typed (`name=007` stays "007"); the rest is YAML.
+    if target is str or (_is_optional(target) and _non_none(target) is str):
+        return None if text in ("null", "~") and target is not str else text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_path(raw: dict, path: list[str], value: Any) -> None:
+    for name in path[:-1]:
+        nxt = raw.get(name)
+        if not isinstance(nxt, dict):
+            nxt = raw[name] = {}
+        raw = nxt
+    raw[path[-1]] = value
+
+
+def _get_path(obj: Any, path: list[str]) -> Any:
+    for name in path:
+        obj = getattr(obj, name)
+    return obj
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _non_none(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if len(args) == 1 else Union[tuple(args)]
+
+
+def _build(cls, raw: Any, where: str, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{where.rstrip('.') or 'spec'}: expected a mapping, got {_show(raw)}")
+        return cls()
+    hints = _hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            problems.append(f"{where}{key}: unknown key")
+    values = {}
+    for name in known & set(raw):
+        values[name] = _coerce(raw[name], hints[name], f"{where}{name}", problems)
+    return cls(**values)
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Check `value` against the annotation `tp`; ints pass for floats, nothing else is converted."""
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key + ".", problems)
+    if _is_optional(tp):
+        return None if value is None else _coerce(value, _non_none(tp), key, problems)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{key}: must be one of {', '.join(map(str, args))}, got {_show(value)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list, got {_show(value)}")
+            return value
+        return [_coerce(v, args[0], f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {_show(value)}")
+            return value
+        return {
+            _coerce(k, args[0], f"{key} key", problems): _coerce(v, args[1], f"{key}.{k}", problems)
+            for k, v in value.items()
+        }
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        problems.append(f"{key}: expected {tp.__name__}, got {_show(value)}")
+    return value
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "null"
+
+
+# ---------------------------------------------------------------- help and saving
+
+
+def describe(job: Optional[str] = None) -> str:
+    """Every key (of one job's section plus the top level, or of all) with its default and meaning."""
+    lines = []
+    for f in dataclasses.fields(RunSpec):
+        tp = _hints(RunSpec)[f.name]
+        if dataclasses.is_dataclass(tp):
+            if job is None or f.name in (job, "storage"):
+                lines.append(f"  {f.name}:  ({f.metadata['help']})")
+                for g in dataclasses.fields(tp):
+                    lines.append(_describe_field(f"{f.name}.{g.name}", g))
+        else:
+            lines.append(_describe_field(f.name, f))
+    return "\n".join(lines)
+
+
+def _describe_field(key: str, f: dataclasses.Field) -> str:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    shown = yaml.safe_dump(default, default_flow_style=True, width=1000).strip()
+    shown = shown.removesuffix("\n...").removesuffix("...").strip()
+    return f"    {key} = {shown}\n        {f.metadata['help']}"
+
+
+def to_dict(spec: RunSpec) -> dict:
+    return dataclasses.asdict(spec)
+
+
+def to_yaml(spec: RunSpec) -> str:
+    """The resolved spec, saved next to outputs and checkpoints so a run can be reproduced."""
+    return yaml.safe_dump(to_dict(spec), sort_keys=False)

@@ -1,0 +1,163 @@
+"""MTSamples tables: schema checks, cleaning, class mapping, splits and the label file.
+
+Every job reads its CSVs through `read_table`, so bad input is reported the same way everywhere:
+one line naming the file (and row or column) and what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from medclf import storage
+from medclf.errors import MedclfError
+
+TEXT = "transcription"
+SPECIALTY = "medical_specialty"
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_table(url: str, columns: list[str]) -> pd.DataFrame:
+    """Read a UTF-8 CSV and check it has `columns`; every value is read as text."""
+    data = storage.read_bytes(url)
+    if not data.strip():
+        raise MedclfError(f"{url}: file is empty")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise MedclfError(f"{url}: not UTF-8 (bad byte 0x{data[e.start]:02x} on line {line})") from None
+    try:
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise MedclfError(f"{url}: not a readable CSV ({' '.join(str(e).split())})") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise MedclfError(f"{url}: missing column(s) {', '.join(missing)} (has: {', '.join(map(str, df.columns))})")
+    return df
+
+
+def check_texts(df: pd.DataFrame, url: str, column: str = TEXT) -> None:
+    """Every row must carry some text: name the first row that does not."""
+    empty = df[column].str.strip() == ""
+    if empty.any():
+        row = int(np.flatnonzero(empty.to_numpy())[0]) + 1
+        raise MedclfError(f"{url}: row {row}: empty {column} ({int(empty.sum())} such rows)")
+
+
+def text_id(text: str) -> str:
+    """A stable id of a distinct note: copies of the same text listed under several specialties share it."""
+    return hashlib.sha256(text.strip().encode("utf-8")).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- labels
+
+
+def read_labels(url: str) -> list[str]:
+    labels = storage.read_json(url)
+    if not isinstance(labels, dict) or not isinstance(labels.get("classes"), list):
+        raise MedclfError(f"{url}: expected {{\"classes\": [...]}}")
+    return [str(c) for c in labels["classes"]]
+
+
+def label_indices(df: pd.DataFrame, classes: list[str], url: str) -> np.ndarray:
+    """Class index of every row; a label outside `classes` names its row."""
+    index = {c: i for i, c in enumerate(classes)}
+    labels = df[SPECIALTY].str.strip()
+    unknown = ~labels.isin(index)
+    if unknown.any():
+        row = int(np.flatnonzero(unknown.to_numpy())[0])
+        raise MedclfError(
+            f"{url}: row {row + 1}: label {labels.iloc[row]!r} is not one of the classes ({', '.join(classes)})"
+        )
+    return labels.map(index).to_numpy(dtype=np.int64)
+
+
+def read_labeled(url: str, classes: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """A prepared split: texts checked, labels as indices into `classes`."""
+    df = read_table(url, [TEXT, SPECIALTY])
+    check_texts(df, url)
+    return df, label_indices(df, classes, url)
+
+
+# ---------------------------------------------------------------- prepare's steps
+
+
+def clean(df: pd.DataFrame) -> pd.DataFrame:
+    """Drop rows without a transcription, strip specialty names, add `text_id`; the words stay as they are."""
+    df = df[df[TEXT].str.strip() != ""].copy()
+    df[SPECIALTY] = df[SPECIALTY].str.strip()
+    df.insert(0, "text_id", df[TEXT].map(text_id))
+    return df
+
+
+def class_map(
+    specialties: pd.Series,
+    classes: Optional[dict[str, list[str]]],
+    min_share: float,
+    short_names: dict[str, str],
+) -> dict[str, str]:
+    """specialty -> class name. Default: the original rule, specialties above `min_share` of all rows."""
+    if classes is not None:
+        mapping = {}
+        for name, sources in classes.items():
+            for source in sources:
+                if source in mapping:
+                    raise MedclfError(f"prepare.classes: specialty {source!r} is in both {mapping[source]!r} and {name!r}")
+                mapping[source] = name
+        return mapping
+    shares = specialties.str.strip().value_counts(normalize=True)
+    return {s: short_names.get(s, s) for s in shares.index[shares > min_share]}
+
+
+def split_random(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The original row-wise split (`df.sample(frac=0.8)`), seeded; copies of a note may land on both sides."""
+    train = df.sample(frac=1 - fraction, random_state=seed)
+    return train, df.drop(train.index)
+
+
+def split_grouped(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split distinct notes, not rows: all copies of a text stay on one side.
+
+    Notes are stratified by their set of classes (a knee arthroscopy listed as Orthopedic and
+    Surgery is its own stratum), shuffled with `seed`, and each stratum gives its share of
+    notes to validation, rounded so that the total is `fraction` of all notes.
+    """
+    notes = df.groupby("text_id", sort=True)[SPECIALTY].agg(lambda s: "|".join(sorted(set(s))))
+    rng = np.random.default_rng(seed)
+    target = fraction * len(notes)
+    chosen: list[str] = []
+    carried = 0.0
+    for _, ids in sorted(notes.groupby(notes).groups.items()):
+        ids = list(ids)
+        rng.shuffle(ids)
+        want = fraction * len(ids) + carried
+        take = int(round(want))
+        carried = want - take
+        chosen += ids[:take]
+    assert abs(len(chosen) - target) <= 1
+    in_validation = df["text_id"].isin(set(chosen))
+    return df[~in_validation], df[in_validation]
+
+
+def split_stats(train: pd.DataFrame, validation: pd.DataFrame, classes: list[str]) -> dict:
+    """What a reader needs to trust a split: class counts per side and how much text crosses over."""
+    both = pd.concat([train, validation])
+    shared = set(train["text_id"]) & set(validation["text_id"])
+    return {
+        "rows": {"train": len(train), "validation": len(validation)},
+        "notes": {"train": int(train["text_id"].nunique()), "validation": int(validation["text_id"].nunique())},
+        "class_counts": {
+            side: {c: int((part[SPECIALTY] == c).sum()) for c in classes}
+            for side, part in (("train", train), ("validation", validation))
+        },
+        "notes_with_several_labels": int((both.groupby("text_id")[SPECIALTY].nunique() > 1).sum()),
+        "texts_shared_between_splits": len(shared),
+        "validation_rows_with_text_in_train": int(validation["text_id"].isin(shared).sum()),
+    }

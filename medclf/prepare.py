@@ -1,0 +1,80 @@
+"""The prepare job: raw MTSamples CSV -> train.csv, validation.csv, labels.json, stats.json.
+
+    medclf prepare jobs/mtsamples.yaml prepare.input=s3://bucket/mtsamples.csv
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+from medclf import data, storage
+from medclf.config import RunSpec
+from medclf.errors import MedclfError
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["text_id", "source_row", data.SPECIALTY, "original_specialty", data.TEXT]
+
+
+def run(spec: RunSpec) -> None:
+    cfg = spec.prepare
+    out = storage.join(spec.out, "prepare")
+    storage.check_output(out, spec.overwrite)
+
+    # -- read and check: nothing is written until every check has passed
+    raw = data.read_table(cfg.input, [data.SPECIALTY, data.TEXT])
+    raw = raw.rename(columns={raw.columns[0]: "source_row"}) if raw.columns[0] in ("", "Unnamed: 0") else raw
+    if "source_row" not in raw.columns:
+        raw.insert(0, "source_row", [str(i) for i in range(len(raw))])
+    notes = data.clean(raw)
+    log.info("%s: %d rows, %d without a transcription dropped", cfg.input, len(raw), len(raw) - len(notes))
+
+    # -- classes (the default rule counts all raw rows, as the original did)
+    mapping = data.class_map(raw[data.SPECIALTY], cfg.classes, cfg.min_class_share, cfg.short_names)
+    df = notes[notes[data.SPECIALTY].isin(mapping)].copy()
+    df["original_specialty"] = df[data.SPECIALTY]
+    df[data.SPECIALTY] = df[data.SPECIALTY].map(mapping)
+    counts = df[data.SPECIALTY].value_counts()
+    names = list(dict.fromkeys(mapping.values()))
+    empty = [c for c in names if counts.get(c, 0) == 0]
+    if empty:
+        raise MedclfError(f"{cfg.input}: class(es) {', '.join(empty)} have no rows with a transcription")
+    if len(names) < 2:
+        raise MedclfError(f"{cfg.input}: only {len(names)} class chosen; a classifier needs at least 2")
+    classes = sorted(names, key=lambda c: (-counts[c], c))
+
+    # -- split
+    splitter = data.split_grouped if cfg.split == "grouped" else data.split_random
+    train, validation = splitter(df, cfg.validation_fraction, spec.seed)
+    for side, part in (("train", train), ("validation", validation)):
+        missing = [c for c in classes if not (part[data.SPECIALTY] == c).any()]
+        if missing:
+            raise MedclfError(f"{cfg.input}: the {side} split has no rows of class(es) {', '.join(missing)}")
+    stats = {
+        "input": cfg.input,
+        "split": cfg.split,
+        "seed": spec.seed,
+        "raw_rows": len(raw),
+        "rows_without_transcription": len(raw) - len(notes),
+        "distinct_notes_in_input": int(notes["text_id"].nunique()),
+        "notes_in_input_with_several_specialties": int((notes.groupby("text_id")[data.SPECIALTY].nunique() > 1).sum()),
+        "rows_kept": len(df),
+        "classes": {c: int(counts[c]) for c in classes},
+        **data.split_stats(train, validation, classes),
+    }
+
+    # -- write: stats.json last, so its presence means the folder is complete
+    if spec.overwrite:
+        storage.remove(out)
+    for name, part in (("train.csv", train), ("validation.csv", validation)):
+        buffer = io.BytesIO()
+        part[COLUMNS].to_csv(buffer, index=False, encoding="utf-8")
+        storage.write_bytes(storage.join(out, name), buffer.getvalue())
+    storage.write_json(storage.join(out, "labels.json"), {"classes": classes, "mapping": mapping})
+    storage.write_json(storage.join(out, "stats.json"), stats)
+    log.info(
+        "wrote %s: %d train / %d validation rows, %d classes, %d texts on both sides",
+        out, len(train), len(validation), len(classes), stats["texts_shared_between_splits"],
+    )
+

@@ -1,0 +1,126 @@
+"""The Accelerate plumbing every training loop shares: accelerator, seeding, progress, stop signals.
+
+Jobs call these helpers; none of them hides the loop. See mlm.py and head.py for the loops.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def make_accelerator(
+    gradient_accumulation_steps: int = 1,
+    report_to: str = "none",
+    project_dir: Optional[str] = None,
+) -> Accelerator:
+    """One Accelerator per job. Without CUDA it runs on CPU (gloo when several ranks were launched).
+
+    Mixed precision comes from `accelerate launch`/accelerate_config.yaml (bf16 on GPUs).
+    """
+    trackers = [t.strip() for t in report_to.split(",") if t.strip() and t.strip() != "none"]
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        log_with=trackers or None,
+        project_dir=project_dir if trackers else None,
+    )
+    log.info(
+        "accelerator: %d process(es), device %s, mixed precision %s",
+        accelerator.num_processes, accelerator.device, accelerator.mixed_precision,
+    )
+    return accelerator
+
+
+def seed_everything(seed: int) -> None:
+    """The same seed on every rank: identical initialisation; data order is sharded by the sampler."""
+    set_seed(seed, deterministic=False)
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, world_size: int, key: str = "batch_size") -> int:
+    """Micro-batches per optimizer step so that the global batch does not depend on the process count."""
+    per_step = micro_batch * world_size
+    if global_batch % per_step:
+        from medclf.errors import MedclfError
+
+        raise MedclfError(
+            f"{key}={global_batch} is not a multiple of micro_batch_size × processes = {micro_batch} × {world_size}"
+        )
+    return global_batch // per_step
+
+
+class Progress:
+    """One progress bar on the main process, plus a log line of loss, lr, throughput and ETA."""
+
+    def __init__(self, accelerator: Accelerator, total: int, start: int = 0, desc: str = "train", unit: str = "tokens"):
+        self.accelerator = accelerator
+        self.total, self.step, self.unit = total, start, unit
+        self.bar = tqdm(total=total, initial=start, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True)
+        self.started, self.start_step, self.count = time.perf_counter(), start, 0.0
+
+    def update(self, count: float, **scalars: float) -> None:
+        """One optimizer step done, having processed `count` units (tokens, examples) over all ranks."""
+        self.step += 1
+        self.count += count
+        self.bar.update(1)
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in scalars.items()}, refresh=False)
+
+    def rate(self) -> float:
+        return self.count / max(time.perf_counter() - self.started, 1e-9)
+
+    def eta_s(self) -> float:
+        done = self.step - self.start_step
+        if not done:
+            return math.inf
+        return (time.perf_counter() - self.started) / done * (self.total - self.step)
+
+    def log(self, **scalars: float) -> None:
+        shown = " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
+        eta = self.eta_s()
+        eta_text = "?" if math.isinf(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
+        message = f"step {self.step}/{self.total} {shown} {self.unit}/s {self.rate():.1f} eta {eta_text}"
+        if self.accelerator.is_main_process:
+            self.bar.write(message) if not self.bar.disable else log.info(message)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGUSR1 (what Slurm sends before a time limit or preemption) into a flag.
+
+    The loop asks `requested()` at step boundaries; all ranks agree (any rank signalled means
+    all stop), so every rank saves the same checkpoint and none is left waiting in a collective.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is None:
+            log.warning("received %s; stopping at the next step boundary", signal.Signals(signum).name)
+        self.received = signum
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+

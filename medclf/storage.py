@@ -1,0 +1,265 @@
+"""Every read and write of medclf goes through here, by fsspec URL.
+
+Local paths, file://, s3:// and memory:// behave the same to job code. Writes are atomic: a
+local file is written under a temporary name and renamed; a remote object is uploaded in one
+piece (a multipart upload completes as one object) and discarded if the writer fails, so a
+reader never sees a half-written file as complete. Storage options (endpoint, profile, region,
+anonymous, timeouts) come from the spec's `storage` section or the standard environment; they are
+never printed or logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from typing import IO, Any, Iterator
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from medclf.errors import MedclfError
+
+_s3_options: dict[str, Any] = {}
+
+
+def configure(storage_spec: Any) -> None:
+    """Set the S3 options for this process from a StorageSpec (credentials stay in the environment)."""
+    global _s3_options
+    client_kwargs: dict[str, Any] = {}
+    if storage_spec.endpoint_url:
+        client_kwargs["endpoint_url"] = storage_spec.endpoint_url
+    if storage_spec.region:
+        client_kwargs["region_name"] = storage_spec.region
+    options: dict[str, Any] = {
+        "anon": storage_spec.anon,
+        # Bounded waits: botocore's connect/read timeouts plus retries; see PLATFORM.md on stalls.
+        "config_kwargs": {
+            "connect_timeout": storage_spec.timeout_s,
+            "read_timeout": storage_spec.timeout_s,
+            "retries": {"max_attempts": storage_spec.retries, "mode": "standard"},
+        },
+    }
+    if client_kwargs:
+        options["client_kwargs"] = client_kwargs
+    if storage_spec.profile:
+        options["profile"] = storage_spec.profile
+    _s3_options = options
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and in-filesystem path of a URL, with this process's storage options."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    options = _s3_options if protocol in ("s3", "s3a") else {}
+    return url_to_fs(url, **options)
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/")] + [p.strip("/") for p in parts if p])
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+# ---------------------------------------------------------------- reading
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    _fresh(fs, path)
+    return fs.exists(path)
+
+
+def listdir(url: str) -> list[str]:
+    """Names directly under `url`, never from a stale listing cache; [] when it does not exist."""
+    fs, path = filesystem(url)
+    _fresh(fs, path)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != path.rstrip("/"))
+
+
+def _fresh(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    # s3fs caches listings per instance; another process (or rank) may have written since.
+    fs.invalidate_cache(path)
+    fs.invalidate_cache(path.rstrip("/").rsplit("/", 1)[0])
+
+
+@contextlib.contextmanager
+def open_read(url: str, mode: str = "rb", **kwargs: Any) -> Iterator[IO]:
+    """Open a URL for reading; a missing file or bucket, or no permission, is one MedclfError line."""
+    fs, path = filesystem(url)
+    try:
+        f = fs.open(path, mode, **kwargs)
+    except Exception as e:  # noqa: BLE001 - every backend raises its own kinds
+        raise MedclfError(f"{url}: {describe_error(e)}") from None
+    with f:
+        yield f
+
+
+def read_bytes(url: str) -> bytes:
+    with open_read(url) as f:
+        return f.read()
+
+
+def read_text(url: str) -> str:
+    data = read_bytes(url)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MedclfError(f"{url}: not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+def read_json(url: str) -> Any:
+    try:
+        return json.loads(read_text(url))
+    except json.JSONDecodeError as e:
+        raise MedclfError(f"{url}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def describe_error(e: BaseException) -> str:
+    """A short reason for a storage failure, with no credentials in it."""
+    if isinstance(e, FileNotFoundError):
+        return "no such file, folder or bucket"
+    if isinstance(e, PermissionError):
+        return "permission denied (check credentials and bucket policy)"
+    if isinstance(e, IsADirectoryError):
+        return "is a folder, expected a file"
+    name = type(e).__name__
+    text = " ".join(str(e).split())
+    return f"{name}: {text}" if text else name
+
+
+# ---------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def atomic_write(url: str) -> Iterator[IO[bytes]]:
+    """A binary file that appears at `url` complete when the block ends, or not at all."""
+    if is_local(url):
+        with _local_atomic(local_path(url)) as f:
+            yield f
+        return
+    fs, path = filesystem(url)
+    if "memory" in _protocols(fs):
+        # memory:// commits whatever was written when the file closes: spool, then put in one call.
+        with tempfile.SpooledTemporaryFile(max_size=64 << 20) as spool:
+            yield spool
+            spool.seek(0)
+            fs.pipe_file(path, spool.read())
+        return
+    try:
+        f = fs.open(path, "wb")
+    except Exception as e:  # noqa: BLE001
+        raise MedclfError(f"{url}: cannot write: {describe_error(e)}") from None
+    try:
+        yield f
+    except BaseException:
+        # Leaving an fsspec write context by an exception would still commit the partial object.
+        f.discard()
+        raise
+    try:
+        f.close()
+    except Exception as e:  # noqa: BLE001
+        raise MedclfError(f"{url}: upload failed: {describe_error(e)}") from None
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+@contextlib.contextmanager
+def _local_atomic(path: str) -> Iterator[IO[bytes]]:
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        f = open(tmp, "wb")
+    except OSError as e:
+        raise MedclfError(f"{path}: cannot write: {describe_error(e)}") from None
+    try:
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    with atomic_write(url) as f:
+        f.write(data)
+
+
+def write_text(url: str, text: str) -> None:
+    write_bytes(url, text.encode("utf-8"))
+
+
+def write_json(url: str, obj: Any) -> None:
+    write_text(url, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def remove(url: str) -> None:
+    """Delete a file or a folder tree; nothing happens if it is absent."""
+    fs, path = filesystem(url)
+    _fresh(fs, path)
+    with contextlib.suppress(FileNotFoundError):
+        if fs.isdir(path):
+            fs.rm(path, recursive=True)
+        elif fs.exists(path):
+            fs.rm(path)
+
+
+def check_output(url: str, overwrite: bool) -> None:
+    """Refuse to replace an existing output unless asked to: the first check of every job that writes."""
+    if overwrite or not exists(url):
+        return
+    if is_local(url) and os.path.isdir(local_path(url)) and not os.listdir(local_path(url)):
+        return  # an empty folder made ahead of time is not an output
+    raise MedclfError(f"{url}: output exists; set overwrite=true to replace it")
+
+
+# ---------------------------------------------------------------- folders
+
+
+def upload_dir(local_dir: str, url: str) -> None:
+    """Copy a local folder's files to `url` (each file atomically; completeness is a manifest's job)."""
+    for root, _, files in os.walk(local_dir):
+        for name in sorted(files):
+            src = os.path.join(root, name)
+            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            with open(src, "rb") as fin, atomic_write(join(url, rel)) as fout:
+                shutil.copyfileobj(fin, fout, 8 << 20)
+
+
+def download_dir(url: str, local_dir: str) -> str:
+    """Copy a remote folder's files into `local_dir` (made fresh); returns local_dir."""
+    fs, path = filesystem(url)
+    _fresh(fs, path)
+    try:
+        files = [p for p in fs.find(path) if not p.rstrip("/").endswith("/")]
+    except Exception as e:  # noqa: BLE001
+        raise MedclfError(f"{url}: {describe_error(e)}") from None
+    if not files:
+        raise MedclfError(f"{url}: no such folder, or it is empty")
+    os.makedirs(local_dir, exist_ok=True)
+    root = path.rstrip("/")
+    for remote in files:
+        rel = remote[len(root):].lstrip("/")
+        dest = os.path.join(local_dir, *rel.split("/"))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        fs.get_file(remote, dest)
+    return local_dir
