@@ -53,6 +53,7 @@ class PrepareSpec:
         None, "explicit classes: {class name: [specialty, ...]}; replaces the min_class_share rule"
     )
     short_names: dict[str, str] = opt(ORIGINAL_SHORT_NAMES, "specialty -> class name used by the default rule")
+    sample_notes: Optional[int] = opt(None, "keep a seeded sample of this many distinct notes (quick runs, CI)")
 
 
 @dataclass

@@ -116,6 +116,13 @@ def class_map(
     return {s: short_names.get(s, s) for s in shares.index[shares > min_share]}
 
 
+def sample_notes(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """All rows of a seeded sample of `n` distinct notes (every class keeps its copies together)."""
+    ids = df["text_id"].drop_duplicates()
+    keep = ids.sample(n=min(n, len(ids)), random_state=seed)
+    return df[df["text_id"].isin(set(keep))]
+
+
 def split_random(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The original row-wise split (`df.sample(frac=0.8)`), seeded; copies of a note may land on both sides."""
     train = df.sample(frac=1 - fraction, random_state=seed)

@@ -43,6 +43,8 @@ def run(spec: RunSpec) -> None:
     if len(names) < 2:
         raise MedclfError(f"{cfg.input}: only {len(names)} class chosen; a classifier needs at least 2")
     classes = sorted(names, key=lambda c: (-counts[c], c))
+    if cfg.sample_notes is not None:
+        df = data.sample_notes(df, cfg.sample_notes, spec.seed)
 
     # -- split
     splitter = data.split_grouped if cfg.split == "grouped" else data.split_random
@@ -60,7 +62,7 @@ def run(spec: RunSpec) -> None:
         "distinct_notes_in_input": int(notes["text_id"].nunique()),
         "notes_in_input_with_several_specialties": int((notes.groupby("text_id")[data.SPECIALTY].nunique() > 1).sum()),
         "rows_kept": len(df),
-        "classes": {c: int(counts[c]) for c in classes},
+        "classes": {c: int((df[data.SPECIALTY] == c).sum()) for c in classes},
         **data.split_stats(train, validation, classes),
     }
 
