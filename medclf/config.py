@@ -7,6 +7,7 @@ required value is one error line naming the key (all problems at once, separated
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -288,9 +289,14 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         }
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
+        return float(value)  # PyYAML reads `2e-5` (no dot) as a string; users mean a number
     if tp in (int, float, str, bool) and (type(value) is not tp):
         problems.append(f"{key}: expected {tp.__name__}, got {_show(value)}")
     return value
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
 
 def _show(value: Any) -> str:

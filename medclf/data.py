@@ -109,7 +109,9 @@ def class_map(
         for name, sources in classes.items():
             for source in sources:
                 if source in mapping:
-                    raise MedclfError(f"prepare.classes: specialty {source!r} is in both {mapping[source]!r} and {name!r}")
+                    raise MedclfError(
+                        f"prepare.classes: specialty {source!r} is in both {mapping[source]!r} and {name!r}"
+                    )
                 mapping[source] = name
         return mapping
     shares = specialties.str.strip().value_counts(normalize=True)

@@ -65,7 +65,9 @@ class Progress:
     def __init__(self, accelerator: Accelerator, total: int, start: int = 0, desc: str = "train", unit: str = "tokens"):
         self.accelerator = accelerator
         self.total, self.step, self.unit = total, start, unit
-        self.bar = tqdm(total=total, initial=start, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total, initial=start, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True
+        )
         self.started, self.start_step, self.count = time.perf_counter(), start, 0.0
 
     def update(self, count: float, **scalars: float) -> None:

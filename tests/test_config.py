@@ -1,0 +1,98 @@
+"""The spec loader: YAML + dotted overrides, typed, every problem named by its key."""
+
+import pathlib
+
+import pytest
+
+from medclf import config
+from medclf.errors import MedclfError
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load(yaml_text=None, *overrides, job="mlm", source="spec"):
+    return config.load(job, yaml_text, list(overrides), source=source)
+
+
+def test_defaults_and_yaml_values():
+    spec = load("out: /tmp/x\nmlm:\n  lr: 1.0e-4\n  max_steps: 5\n")
+    assert spec.out == "/tmp/x"
+    assert spec.mlm.lr == 1e-4 and spec.mlm.max_steps == 5
+    assert spec.mlm.max_length == 512 and spec.head.batch_size == 24 and spec.head.epochs == 8
+    assert spec.prepare.split == "grouped"
+
+
+def test_overrides_dotted_bare_and_top_level():
+    spec = load("out: /tmp/x", "mlm.epochs=3", "lr=2e-5", "seed=7", "prepare.classes={A: [x, y]}")
+    assert spec.mlm.epochs == 3
+    assert spec.mlm.lr == 2e-5  # a bare key belongs to the job's section
+    assert spec.seed == 7
+    assert spec.prepare.classes == {"A": ["x", "y"]}
+
+
+def test_string_override_keeps_text_as_typed():
+    spec = load("out: /tmp/x", "head.name=007", job="head")
+    assert spec.head.name == "007"
+
+
+def test_int_is_accepted_for_float():
+    assert load("out: o\nmlm: {lr: 1}").mlm.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("out: o\nmlm: {learning_rate: 1}", [], "mlm.learning_rate: unknown key"),
+        ("out: o\nbogus: 1", [], "bogus: unknown key"),
+        ("out: o\nmlm: {epochs: three}", [], "mlm.epochs: expected int, got str 'three'"),
+        ("out: o\nmlm: {whole_word_masking: 1}", [], "mlm.whole_word_masking: expected bool"),
+        ("out: o\nprepare: {split: rows}", [], "prepare.split: must be one of grouped, random"),
+        ("out: o\nmlm: [1, 2]", [], "mlm: expected a mapping"),
+        ("out: o\nmlm: {extra_text: a.csv}", [], "mlm.extra_text: expected a list"),
+        ("out: o", ["mlm.nope=1"], "mlm.nope: unknown key"),
+        ("out: o", ["nope"], "expected key=value"),
+        (None, [], "out: required for mlm but not set"),
+    ],
+)
+def test_bad_specs_name_the_key(text, overrides, message):
+    with pytest.raises(MedclfError) as e:
+        load(text, *overrides)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_all_problems_in_one_line():
+    with pytest.raises(MedclfError) as e:
+        load("mlm: {epochs: x, bogus: 1}")
+    text = str(e.value)
+    assert "mlm.epochs" in text and "mlm.bogus" in text and "out: required" in text
+
+
+def test_required_per_job():
+    with pytest.raises(MedclfError, match="prepare.input: required for prepare"):
+        config.load("prepare", "out: o", [])
+    spec = config.load("predict", None, ["model=m", "input=i.csv", "output=o.csv"])
+    assert spec.predict.model == "m" and spec.out is None
+
+
+def test_invalid_yaml_is_one_line():
+    with pytest.raises(MedclfError, match="not valid YAML"):
+        load("out: [unclosed", source="x")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("job", ["prepare", "mlm", "head", "evaluate", "compare"])
+def test_every_shipped_spec_validates(path, job):
+    config.load(job, path.read_text(), [], source=str(path))
+
+
+def test_describe_lists_every_key_with_default():
+    text = config.describe()
+    for key in ("out = null", "mlm.max_length = 512", "head.epochs = 8", "prepare.split = grouped"):
+        assert key in text
+    assert "mlm.lr" not in config.describe("head")
+
+
+def test_resolved_spec_round_trips_through_yaml():
+    spec = load("out: o\nmlm: {lr: 3.0e-5}")
+    assert config.load("mlm", config.to_yaml(spec), []) == spec
