@@ -40,6 +40,7 @@ class StorageSpec:
     anon: bool = opt(False, "anonymous S3 access (public buckets)")
     timeout_s: float = opt(60.0, "bound on any single storage request, so a stalled server cannot hang a job")
     retries: int = opt(3, "attempts per S3 request before the job fails")
+    block_size_mib: int = opt(50, "S3 upload part size (>= 5); a larger file goes up as a multipart upload")
 
 
 @dataclass
@@ -79,10 +80,10 @@ class MlmSpec:
     eval_seed: int = opt(1234, "seed of the fixed evaluation masks")
     checkpoint_every: int = opt(500, "save a checkpoint every N steps (and at the end)")
     keep_last: int = opt(3, "complete checkpoints kept")
-    resume: str = opt("auto", "auto: latest complete checkpoint if any; never; or a checkpoint URL")
+    resume: str = opt("auto", "auto: latest complete, verified checkpoint if any; never (start over); or a checkpoint URL")
     log_every: int = opt(10, "log loss, lr, tokens/s and ETA every N steps")
     report_to: str = opt("none", "accelerate trackers: none, tensorboard, wandb, ... (comma separated)")
-    num_workers: int = opt(0, "DataLoader worker processes")
+    eval_blocks: Optional[int] = opt(None, "evaluate on the first N validation blocks only (None: all)")
 
 
 @dataclass
@@ -104,8 +105,9 @@ class HeadSpec:
 
 @dataclass
 class EvaluateSpec:
-    head: str = opt("pretrained", "head name (<out>/head-<name>/model) or a classifier URL")
+    model: str = opt("pretrained", "head name (<out>/head-<name>/model) or a classifier URL")
     data: Optional[str] = opt(None, "CSV to evaluate; default <out>/prepare/validation.csv")
+    batch_size: int = opt(32, "notes per forward pass")
 
 
 @dataclass

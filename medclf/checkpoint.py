@@ -1,0 +1,296 @@
+"""Training state to and from storage URLs: a checkpoint is complete when its manifest exists.
+
+    <root>/step-0000500/model.safetensors        weights (tied copies stored once)
+                        optimizer.{safetensors,json}, scheduler.{safetensors,json}
+                        rng-rank00000.safetensors  torch/cuda/numpy/python RNG of each rank
+                        state.json                 step, epoch, position in the data, metrics so far
+                        spec.yaml                  the resolved spec of the run
+                        manifest.json              size and SHA-256 of every file above, written LAST
+    <root>/latest                                  "step-0000500", updated after the manifest
+
+Nothing is pickled: tensors go to safetensors, everything else to JSON. A folder without a
+manifest is an interrupted save and is never loaded; a file whose size or hash differs from the
+manifest is refused by name. `find_latest` walks back from the newest complete checkpoint to
+the first one that verifies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from medclf import storage
+from medclf.errors import MedclfError
+
+log = logging.getLogger(__name__)
+
+STEP_FOLDER = re.compile(r"^step-(\d{7,})$")
+MANIFEST = "manifest.json"
+LATEST = "latest"
+# Test hook: seconds to sleep after the files are written and before the manifest, so a test can
+# kill the job or freeze the storage while a checkpoint is half-written.
+PAUSE_ENV = "MEDCLF_TEST_PAUSE_IN_CHECKPOINT"
+
+
+def step_url(root: str, step: int) -> str:
+    return storage.join(root, f"step-{step:07d}")
+
+
+def rng_name(rank: int) -> str:
+    return f"rng-rank{rank:05d}.safetensors"
+
+
+# ---------------------------------------------------------------- saving
+
+
+def save(root: str, step: int, accelerator: Any, *, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+         state: dict, spec_yaml: str, keep_last: int) -> str:
+    """Every rank calls this at the same step; returns the checkpoint URL once it is complete."""
+    url = step_url(root, step)
+    main = accelerator.is_main_process
+    if main:
+        storage.remove(url)  # leftovers of an interrupted save at this step
+    accelerator.wait_for_everyone()
+
+    # -- each rank its own RNG; the main process everything that is the same on all ranks
+    written: dict[str, bytes] = {}
+    rng_bytes = _rng_bytes()
+    storage.write_bytes(storage.join(url, rng_name(accelerator.process_index)), rng_bytes)
+    if main:
+        written[rng_name(0)] = rng_bytes
+        written["model.safetensors"] = _model_bytes(model)
+        for name, obj in (("optimizer", optimizer.state_dict()), ("scheduler", scheduler.state_dict())):
+            tree, tensors = encode(obj)
+            written[f"{name}.safetensors"] = save_tensors(tensors)
+            written[f"{name}.json"] = _json_bytes(tree)
+        written["state.json"] = _json_bytes({**state, "step": step, "world_size": accelerator.num_processes})
+        written["spec.yaml"] = spec_yaml.encode("utf-8")
+        for name, data in written.items():
+            if not name.startswith("rng-"):
+                storage.write_bytes(storage.join(url, name), data)
+    accelerator.wait_for_everyone()
+
+    # -- the manifest last, then the pointer, then pruning: a reader never trusts a partial folder
+    if main:
+        for rank in range(1, accelerator.num_processes):
+            written[rng_name(rank)] = storage.read_bytes(storage.join(url, rng_name(rank)))
+        pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
+        if pause:
+            log.warning("%s=%s: pausing before the manifest of %s", PAUSE_ENV, pause, url)
+            time.sleep(pause)
+        files = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in written.items()}
+        storage.write_json(storage.join(url, MANIFEST), {"step": step, "files": dict(sorted(files.items()))})
+        storage.write_text(storage.join(root, LATEST), f"step-{step:07d}\n")
+        _prune(root, keep_last, step)
+        log.info("checkpoint saved: %s", url)
+    accelerator.wait_for_everyone()
+    return url
+
+
+def _prune(root: str, keep_last: int, newest: int) -> None:
+    complete = [s for s in list_steps(root) if storage.exists(storage.join(step_url(root, s), MANIFEST))]
+    for step in list_steps(root):
+        stale_partial = step < newest and step not in complete
+        beyond_k = step in complete and complete.index(step) < len(complete) - keep_last
+        if stale_partial or beyond_k:
+            storage.remove(step_url(root, step))
+
+
+def _model_bytes(model: torch.nn.Module) -> bytes:
+    # Tied weights (decoder = word embeddings) share storage; safetensors wants each stored once.
+    seen: dict[tuple, str] = {}
+    tensors, aliases = {}, {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)) if tensor.numel() else (name,)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().contiguous().cpu()
+    return save_tensors(tensors, metadata={"aliases": json.dumps(aliases)})
+
+
+def _rng_bytes() -> bytes:
+    np_state = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    version, words, gauss = random.getstate()
+    meta = {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": [version, list(words), gauss]}
+    return save_tensors(tensors, metadata={"json": json.dumps(meta)})
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1) + "\n").encode("utf-8")
+
+
+# ---------------------------------------------------------------- state trees <-> JSON + tensors
+
+
+def encode(obj: Any, tensors: Optional[dict] = None, path: str = "t") -> tuple[Any, dict]:
+    """A nested state_dict as JSON plus a flat {name: tensor}; tuples and non-string keys survive."""
+    tensors = {} if tensors is None else tensors
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().contiguous().cpu()
+        return {"__tensor__": path}, tensors
+    if isinstance(obj, dict):
+        items = [[encode(k, tensors, f"{path}.k{i}")[0], encode(v, tensors, f"{path}.{i}")[0]]
+                 for i, (k, v) in enumerate(obj.items())]
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: v for k, v in items}, tensors
+        return {"__items__": items}, tensors
+    if isinstance(obj, (list, tuple)):
+        seq = [encode(v, tensors, f"{path}.{i}")[0] for i, v in enumerate(obj)]
+        return ({"__tuple__": seq} if isinstance(obj, tuple) else seq), tensors
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj, tensors
+    raise TypeError(f"cannot store {type(obj).__name__} at {path} in a checkpoint")
+
+
+def decode(tree: Any, tensors: dict) -> Any:
+    if isinstance(tree, dict):
+        if "__tensor__" in tree:
+            return tensors[tree["__tensor__"]]
+        if "__tuple__" in tree:
+            return tuple(decode(v, tensors) for v in tree["__tuple__"])
+        if "__items__" in tree:
+            return {decode(k, tensors): decode(v, tensors) for k, v in tree["__items__"]}
+        return {k: decode(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [decode(v, tensors) for v in tree]
+    return tree
+
+
+# ---------------------------------------------------------------- finding and verifying
+
+
+def list_steps(root: str) -> list[int]:
+    """Steps of the checkpoint folders under `root` (complete or not), oldest first, listed fresh."""
+    return sorted(int(m.group(1)) for name in storage.listdir(root) if (m := STEP_FOLDER.match(name)))
+
+
+def read_manifest(url: str) -> dict:
+    manifest_url = storage.join(url, MANIFEST)
+    if not storage.exists(manifest_url):
+        raise MedclfError(f"{url}: incomplete checkpoint (no {MANIFEST})")
+    manifest = storage.read_json(manifest_url)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise MedclfError(f"{manifest_url}: not a checkpoint manifest")
+    return manifest
+
+
+def read_verified(url: str, name: str, manifest: dict) -> bytes:
+    """A checkpoint file's bytes, refused by name if its size or SHA-256 differs from the manifest."""
+    expected = manifest["files"].get(name)
+    if expected is None:
+        raise MedclfError(f"{storage.join(url, name)}: not listed in the checkpoint manifest")
+    data = storage.read_bytes(storage.join(url, name))
+    if len(data) != expected["size"]:
+        raise MedclfError(f"{storage.join(url, name)}: {len(data)} bytes, manifest says {expected['size']} (truncated?)")
+    if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        raise MedclfError(f"{storage.join(url, name)}: SHA-256 differs from the manifest (file altered)")
+    return data
+
+
+def verify(url: str) -> dict:
+    """Check every file of a checkpoint against its manifest; returns the manifest."""
+    manifest = read_manifest(url)
+    for name in manifest["files"]:
+        read_verified(url, name, manifest)
+    return manifest
+
+
+def find_latest(root: str) -> Optional[str]:
+    """The newest complete checkpoint that verifies, warning about each newer one passed over."""
+    for step in reversed(list_steps(root)):
+        url = step_url(root, step)
+        try:
+            verify(url)
+            return url
+        except MedclfError as e:
+            log.warning("skipping checkpoint: %s", e)
+    return None
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(url: str, accelerator: Any, *, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict:
+    """Restore weights, optimizer, scheduler and this rank's RNG from `url`; returns state.json."""
+    manifest = read_manifest(url)
+
+    # -- weights: tied copies were stored once, so exactly the aliases may be missing
+    data = read_verified(url, "model.safetensors", manifest)
+    tensors = load_tensors(data)
+    aliases = json.loads(_metadata(data).get("aliases", "{}"))
+    result = model.load_state_dict(tensors, strict=False)
+    missing = set(result.missing_keys) - set(aliases)
+    if missing or result.unexpected_keys:
+        raise MedclfError(
+            f"{url}/model.safetensors: does not fit the model (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(result.unexpected_keys)[:3]})"
+        )
+
+    # -- optimizer and scheduler
+    for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
+        tensors = load_tensors(read_verified(url, f"{name}.safetensors", manifest))
+        tree = json.loads(read_verified(url, f"{name}.json", manifest))
+        target.load_state_dict(decode(tree, tensors))
+
+    # -- this rank's RNG (a run resumed on another number of ranks cannot be exact: say so)
+    name = rng_name(accelerator.process_index)
+    if name in manifest["files"]:
+        _set_rng(read_verified(url, name, manifest))
+    else:
+        log.warning("%s: no RNG state for rank %d (saved by fewer ranks); continuing unseeded-exactly",
+                    url, accelerator.process_index)
+    return json.loads(read_verified(url, "state.json", manifest))
+
+
+def _metadata(data: bytes) -> dict:
+    header_len = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + header_len]).get("__metadata__", {}) or {}
+
+
+def _set_rng(data: bytes) -> None:
+    tensors = load_tensors(data)
+    meta = json.loads(_metadata(data)["json"])
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, words, gauss_next = meta["python"]
+    random.setstate((version, tuple(words), gauss_next))
+
+
+# ---------------------------------------------------------------- finished outputs
+
+
+def publish_dir(local_dir: str, url: str) -> None:
+    """Upload a local folder (a save_pretrained model) to `url`, its manifest written last."""
+    storage.remove(url)
+    storage.upload_dir(local_dir, url)
+    files = {}
+    for root, _, names in os.walk(local_dir):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                data = f.read()
+            rel = os.path.relpath(path, local_dir).replace(os.sep, "/")
+            files[rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    storage.write_json(storage.join(url, MANIFEST), {"files": dict(sorted(files.items()))})
