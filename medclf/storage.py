@@ -12,23 +12,35 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 import uuid
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, Optional
 
 import fsspec
 from fsspec.core import url_to_fs
 
 from medclf.errors import MedclfError
 
-_s3_options: dict[str, Any] = {}
+log = logging.getLogger(__name__)
+
+_s3_options: Optional[dict[str, Any]] = None  # set by configure(); the StorageSpec defaults until then
 
 
 def configure(storage_spec: Any) -> None:
-    """Set the S3 options for this process from a StorageSpec (credentials stay in the environment)."""
+    """Set the S3 options for this process from a StorageSpec (None: its defaults).
+
+    Credentials stay in the environment or the AWS profile; nothing here is printed or logged.
+    """
     global _s3_options
+    if storage_spec is None:
+        from medclf.config import StorageSpec
+
+        storage_spec = StorageSpec()
+    if storage_spec.block_size_mib < 5:
+        raise MedclfError(f"storage.block_size_mib: S3 parts are at least 5 MiB, got {storage_spec.block_size_mib}")
     client_kwargs: dict[str, Any] = {}
     if storage_spec.endpoint_url:
         client_kwargs["endpoint_url"] = storage_spec.endpoint_url
@@ -36,11 +48,17 @@ def configure(storage_spec: Any) -> None:
         client_kwargs["region_name"] = storage_spec.region
     options: dict[str, Any] = {
         "anon": storage_spec.anon,
-        # Bounded waits: botocore's connect/read timeouts plus retries; see PLATFORM.md on stalls.
+        # A listing may have been changed by another process or rank since: never cache one.
+        "use_listings_cache": False,
+        # Parts of exactly one block: a 400 MB write() is 8 requests, each bounded by timeout_s, not one.
+        "default_block_size": storage_spec.block_size_mib << 20,
+        "fixed_upload_size": True,
+        # Bounded waits: per-socket timeouts, plus a total limit on each request (see _bounded_session).
         "config_kwargs": {
             "connect_timeout": storage_spec.timeout_s,
             "read_timeout": storage_spec.timeout_s,
-            "retries": {"max_attempts": storage_spec.retries, "mode": "standard"},
+            "retries": {"total_max_attempts": storage_spec.retries, "mode": "standard"},
+            "http_session_cls": _bounded_session(),
         },
     }
     if client_kwargs:
@@ -50,11 +68,54 @@ def configure(storage_spec: Any) -> None:
     _s3_options = options
 
 
+def _bounded_session() -> type:
+    """aiobotocore's HTTP session with a total time limit on every request.
+
+    botocore's read timeout only bounds each wait for bytes. An upload to a server that stopped
+    answering can wait far longer (for `100 Continue` before each part's body), so each request,
+    a whole part upload included, gets at most `timeout_s` in all.
+    """
+    global _BoundedSession
+    if _BoundedSession is None:
+        import aiohttp
+        from aiobotocore.httpsession import AIOHTTPSession
+
+        def bounded(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:
+            return aiohttp.ClientTimeout(
+                total=timeout.sock_read, sock_connect=timeout.sock_connect, sock_read=timeout.sock_read
+            )
+
+        class BoundedSession(AIOHTTPSession):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self._timeout = bounded(self._timeout)
+
+            def _get_request_timeout(self, request: Any) -> Any:
+                timeout = super()._get_request_timeout(request)
+                return None if timeout is None else bounded(timeout)
+
+        _BoundedSession = BoundedSession
+    return _BoundedSession
+
+
+_BoundedSession: Any = None
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and in-filesystem path of a URL, with this process's storage options."""
+    """The filesystem and in-filesystem path of a URL, with this process's storage options.
+
+    Asked for afresh on every call and never kept: fsspec caches instances per process id, so a
+    forked DataLoader worker gets its own S3 client instead of the parent's event loop.
+    """
     protocol = url.split("://", 1)[0] if "://" in url else "file"
-    options = _s3_options if protocol in ("s3", "s3a") else {}
-    return url_to_fs(url, **options)
+    if protocol not in ("s3", "s3a"):
+        return url_to_fs(url)
+    if _s3_options is None:
+        configure(None)
+    fs, path = url_to_fs(url, **_s3_options)
+    # botocore already tries each request `retries` times; s3fs's own retry loop would multiply that.
+    fs.retries = 1
+    return fs, path
 
 
 def join(url: str, *parts: str) -> str:
@@ -74,18 +135,20 @@ def local_path(url: str) -> str:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    _fresh(fs, path)
-    return fs.exists(path)
+    with reported(url):
+        _fresh(fs, path)
+        return fs.exists(path)
 
 
 def listdir(url: str) -> list[str]:
     """Names directly under `url`, never from a stale listing cache; [] when it does not exist."""
     fs, path = filesystem(url)
-    _fresh(fs, path)
-    try:
-        entries = fs.ls(path, detail=False)
-    except FileNotFoundError:
-        return []
+    with reported(url):
+        _fresh(fs, path)
+        try:
+            entries = fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
     return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != path.rstrip("/"))
 
 
@@ -135,9 +198,25 @@ def describe_error(e: BaseException) -> str:
         return "permission denied (check credentials and bucket policy)"
     if isinstance(e, IsADirectoryError):
         return "is a folder, expected a file"
+    kinds = [c.__name__ for c in type(e).__mro__]
+    if any("Timeout" in k for k in kinds):
+        return "no answer in time: the storage server stalled or is unreachable (storage.timeout_s, storage.retries)"
+    if "EndpointConnectionError" in kinds:
+        return "cannot connect to the storage endpoint (check storage.endpoint_url)"
     name = type(e).__name__
     text = " ".join(str(e).split())
     return f"{name}: {text}" if text else name
+
+
+@contextlib.contextmanager
+def reported(url: str, doing: str = "") -> Iterator[None]:
+    """A storage failure inside the block becomes one MedclfError line naming the URL."""
+    try:
+        yield
+    except MedclfError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every backend raises its own kinds
+        raise MedclfError(f"{url}: {doing}{describe_error(e)}") from None
 
 
 # ---------------------------------------------------------------- writing
@@ -158,20 +237,43 @@ def atomic_write(url: str) -> Iterator[IO[bytes]]:
             spool.seek(0)
             fs.pipe_file(path, spool.read())
         return
+    with reported(url, "cannot write: "):
+        upload = _Upload(fs.open(path, "wb"), url)
     try:
-        f = fs.open(path, "wb")
-    except Exception as e:  # noqa: BLE001
-        raise MedclfError(f"{url}: cannot write: {describe_error(e)}") from None
-    try:
-        yield f
+        yield upload
+        with reported(url, "upload failed: "):
+            upload.file.close()
     except BaseException:
         # Leaving an fsspec write context by an exception would still commit the partial object.
-        f.discard()
+        upload.abandon()
         raise
-    try:
-        f.close()
-    except Exception as e:  # noqa: BLE001
-        raise MedclfError(f"{url}: upload failed: {describe_error(e)}") from None
+
+
+class _Upload:
+    """A remote file being written: a storage failure is one MedclfError line; abandon() leaves nothing."""
+
+    def __init__(self, file: Any, url: str) -> None:
+        self.file, self.url = file, url
+
+    def write(self, data: Any) -> int:
+        # A block that fills up is uploaded (as a multipart part) inside write().
+        with reported(self.url, "upload failed: "):
+            return self.file.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+    def abandon(self) -> None:
+        """Drop the buffered data and abort the multipart upload, if one was begun."""
+        try:
+            self.file.discard()
+        except Exception as e:  # noqa: BLE001 - the server may be the reason we are here
+            log.warning(
+                "%s: could not abort its unfinished multipart upload (%s); "
+                "a bucket lifecycle rule (AbortIncompleteMultipartUpload) removes such leftovers",
+                self.url, describe_error(e),
+            )
+        self.file.closed = True  # never closed (= committed) later, e.g. when garbage collected
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -215,8 +317,8 @@ def write_json(url: str, obj: Any) -> None:
 def remove(url: str) -> None:
     """Delete a file or a folder tree; nothing happens if it is absent."""
     fs, path = filesystem(url)
-    _fresh(fs, path)
-    with contextlib.suppress(FileNotFoundError):
+    with reported(url, "cannot remove: "), contextlib.suppress(FileNotFoundError):
+        _fresh(fs, path)
         if fs.isdir(path):
             fs.rm(path, recursive=True)
         elif fs.exists(path):
@@ -224,12 +326,30 @@ def remove(url: str) -> None:
 
 
 def check_output(url: str, overwrite: bool) -> None:
-    """Refuse to replace an existing output unless asked to: the first check of every job that writes."""
+    """Refuse to replace an existing output unless asked to: the first check of every job that writes.
+
+    It also finds a missing bucket or wrong credentials before any work is done, not at the first save.
+    """
+    if not is_local(url):
+        _check_bucket(url)
     if overwrite or not exists(url):
         return
     if is_local(url) and os.path.isdir(local_path(url)) and not os.listdir(local_path(url)):
         return  # an empty folder made ahead of time is not an output
     raise MedclfError(f"{url}: output exists; set overwrite=true to replace it")
+
+
+def _check_bucket(url: str) -> None:
+    fs, path = filesystem(url)
+    if not {"s3", "s3a"} & set(_protocols(fs)):
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        raise MedclfError(f"{url}: no such bucket {bucket!r}") from None
+    except Exception as e:  # noqa: BLE001
+        raise MedclfError(f"{url}: {describe_error(e)}") from None
 
 
 # ---------------------------------------------------------------- folders
@@ -248,11 +368,9 @@ def upload_dir(local_dir: str, url: str) -> None:
 def download_dir(url: str, local_dir: str) -> str:
     """Copy a remote folder's files into `local_dir` (made fresh); returns local_dir."""
     fs, path = filesystem(url)
-    _fresh(fs, path)
-    try:
+    with reported(url):
+        _fresh(fs, path)
         files = [p for p in fs.find(path) if not p.rstrip("/").endswith("/")]
-    except Exception as e:  # noqa: BLE001
-        raise MedclfError(f"{url}: {describe_error(e)}") from None
     if not files:
         raise MedclfError(f"{url}: no such folder, or it is empty")
     os.makedirs(local_dir, exist_ok=True)
@@ -261,5 +379,6 @@ def download_dir(url: str, local_dir: str) -> str:
         rel = remote[len(root):].lstrip("/")
         dest = os.path.join(local_dir, *rel.split("/"))
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        fs.get_file(remote, dest)
+        with reported(url, "download failed: "):
+            fs.get_file(remote, dest)
     return local_dir

@@ -7,6 +7,8 @@ import pathlib
 
 import pytest
 
+from tests.s3server import s3, s3_server  # noqa: F401 - moto S3 server fixtures for any test
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
