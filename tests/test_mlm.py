@@ -1,0 +1,225 @@
+"""The masked-LM job on a tiny BERT (and once on the real MiniLM): loss, masks, resume, signals, checks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medclf import checkpoint, config, mlm
+from medclf.errors import EXIT_PREEMPTED, MedclfError
+from medclf.masking import IGNORE, Masker, epoch_order, pack, token_stream
+from tests.conftest import REPO
+
+TINY_ARGS = ["max_length=64", "batch_size=8", "micro_batch_size=4", "log_every=1", "lr=1e-3", "eval_blocks=8",
+             "keep_last=10"]
+
+
+def small_run(folder, mtsamples, train_rows=4, validation_rows=2):
+    """A run folder whose prepare/ holds a few real notes: an epoch is a handful of steps."""
+    notes = pd.read_csv(mtsamples).dropna(subset=["transcription"])
+    (folder / "prepare").mkdir(parents=True)
+    notes.iloc[:train_rows][["transcription"]].to_csv(folder / "prepare" / "train.csv", index=False)
+    notes.iloc[100:100 + validation_rows][["transcription"]].to_csv(folder / "prepare" / "validation.csv", index=False)
+    return folder
+
+
+def spec(out, model, *extra):
+    return config.load("mlm", None, [f"out={out}", f"model={model}", *TINY_ARGS, *extra])
+
+
+def weights(out):
+    return load_file(str(out / "mlm" / "model" / "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"weights differ: {different[:5]}"
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def test_masked_only_loss_equals_stock_loss(tiny_bert):
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(tiny_bert).eval()
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(5, model.config.vocab_size, (3, 40), generator=generator)
+    chosen = torch.rand(3, 40, generator=generator) < 0.15
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
+    with torch.no_grad():
+        stock = model(input_ids=input_ids, labels=labels).loss
+        ours = mlm.MaskedLM(model)(input_ids, labels) / chosen.sum()
+    assert chosen.sum() > 5
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- masks and blocks
+
+
+def test_masks_are_seeded_by_epoch_and_follow_80_10_10(tiny_bert):
+    ids = torch.randint(10, 1000, (20000,))
+    ids[::50] = 2  # a special token, never masked
+    masker = Masker(mask_token_id=4, vocab_size=1000, special_ids=[2, 4], probability=0.15)
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    inputs, labels = masker.block(ids, starts, seed=1, epoch=0, index=7)
+    again = masker.block(ids, starts, seed=1, epoch=0, index=7)
+    other_epoch = masker.block(ids, starts, seed=1, epoch=1, index=7)
+    assert torch.equal(inputs, again[0]) and torch.equal(labels, again[1])
+    assert not torch.equal(labels, other_epoch[1])
+    chosen = labels != IGNORE
+    assert 0.14 < chosen.float().mean() < 0.16
+    assert not chosen[::50].any()
+    assert torch.equal(labels[chosen], ids[chosen])
+    as_mask = (inputs[chosen] == 4).float().mean()
+    unchanged = (inputs[chosen] == ids[chosen]).float().mean()
+    assert 0.77 < as_mask < 0.83 and 0.08 < unchanged < 0.12
+    assert torch.equal(inputs[~chosen], ids[~chosen])
+
+
+def test_whole_word_masking_takes_every_piece_of_a_word():
+    ids = torch.arange(10, 4010)
+    starts = torch.zeros(4000, dtype=torch.bool)
+    starts[::4] = True  # words of four pieces
+    masker = Masker(mask_token_id=4, vocab_size=5000, special_ids=[], probability=0.15, whole_word=True)
+    _, labels = masker.block(ids, starts, seed=3, epoch=0, index=0)
+    by_word = (labels != IGNORE).view(-1, 4)
+    assert by_word.any()
+    assert torch.equal(by_word.all(dim=1), by_word.any(dim=1))
+
+
+def test_tokens_are_cached_and_packed_without_padding(tiny_bert, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    texts = ["the patient was seen today for knee pain", "no acute distress noted on exam"]
+    ids, starts = token_stream(texts, tokenizer, str(tmp_path / "cache"))
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    again, _ = token_stream(texts, tokenizer, str(tmp_path / "cache"))
+    assert torch.equal(ids, again)
+    assert ids[0] == tokenizer.cls_token_id and (ids == tokenizer.sep_token_id).sum() == 2
+    blocks = pack(ids, 8)
+    assert blocks.shape == (len(ids) // 8, 8) and torch.equal(blocks.flatten(), ids[: blocks.numel()])
+    assert sorted(epoch_order(10, 0, 0)) == list(range(10)) and list(epoch_order(10, 0, 0)) != list(epoch_order(10, 0, 1))
+
+
+# ---------------------------------------------------------------- the job
+
+
+def test_loss_goes_down(tiny_bert, mtsamples, tmp_path):
+    out = small_run(tmp_path / "run", mtsamples, train_rows=3)
+    mlm.run(spec(out, tiny_bert, "max_steps=16", "lr=5e-3", "checkpoint_every=100"))
+    metrics = json.loads((out / "mlm" / "metrics.json").read_text())
+    losses = [h[1] for h in metrics["history"]]
+    assert len(losses) == 16 and metrics["world_size"] == 1
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.1
+    assert metrics["val_after"]["loss"] < metrics["val_before"]["loss"]
+    assert metrics["val_after"]["masked_tokens"] == metrics["val_before"]["masked_tokens"] > 0
+
+
+def test_resumed_run_ends_with_the_same_weights(tiny_bert, mtsamples, tmp_path):
+    # 4 notes: about 6 steps per epoch, so resuming from step 3 continues mid-epoch and crosses into epoch 2.
+    whole, resumed = small_run(tmp_path / "whole", mtsamples), small_run(tmp_path / "resumed", mtsamples)
+    mlm.run(spec(whole, tiny_bert, "epochs=2", "checkpoint_every=3"))
+    metrics = json.loads((whole / "mlm" / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["steps"] > 6
+    # An interrupted run leaves exactly this behind: the step-3 checkpoint (and a later, unfinished save).
+    shutil.copytree(whole / "mlm/checkpoints/step-0000003", resumed / "mlm/checkpoints/step-0000003")
+    shutil.copytree(whole / "mlm/checkpoints/step-0000006", resumed / "mlm/checkpoints/step-0000006")
+    (resumed / "mlm/checkpoints/step-0000006/manifest.json").unlink()
+    mlm.run(spec(resumed, tiny_bert, "epochs=2", "checkpoint_every=3"))
+    assert_same_weights(weights(whole), weights(resumed))
+    assert json.loads((resumed / "mlm" / "metrics.json").read_text())["history"] == metrics["history"]
+
+
+def test_the_adapted_model_loads_and_the_output_is_not_replaced(tiny_bert, mtsamples, tmp_path):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    out = small_run(tmp_path / "run", mtsamples)
+    mlm.run(spec(out, tiny_bert, "max_steps=2", "checkpoint_every=1", "keep_last=1"))
+    assert checkpoint.list_steps(str(out / "mlm" / "checkpoints")) == [2]
+    assert (out / "mlm/checkpoints/latest").read_text().strip() == "step-0000002"
+    folder = out / "mlm" / "model"
+    assert json.loads((folder / "manifest.json").read_text())["files"]["model.safetensors"]["size"] > 0
+    AutoModelForMaskedLM.from_pretrained(folder)
+    AutoTokenizer.from_pretrained(folder)
+    with pytest.raises(MedclfError, match="output exists"):
+        mlm.run(spec(out, tiny_bert, "max_steps=2"))
+    shutil.rmtree(folder)
+    with pytest.raises(MedclfError, match="checkpoints exist"):
+        mlm.run(spec(out, tiny_bert, "max_steps=2", "resume=never"))
+    mlm.run(spec(out, tiny_bert, "max_steps=1", "resume=never", "overwrite=true"))
+    assert checkpoint.list_steps(str(out / "mlm" / "checkpoints")) == [1]
+
+
+def test_inputs_are_checked_before_training(tiny_bert, mtsamples, tmp_path):
+    out = small_run(tmp_path / "run", mtsamples)
+    with pytest.raises(MedclfError, match=r"mlm\.max_length: 256 is above"):
+        mlm.run(spec(out, tiny_bert, "max_length=256"))
+    with pytest.raises(MedclfError, match=r"mlm\.batch_size: 800 blocks per step"):
+        mlm.run(spec(out, tiny_bert, "batch_size=800", "micro_batch_size=8"))
+    assert not (out / "mlm" / "model").exists()
+
+
+def test_a_checkpoint_of_other_settings_is_not_continued(tiny_bert, mtsamples, tmp_path):
+    out = small_run(tmp_path / "run", mtsamples)
+    mlm.run(spec(out, tiny_bert, "max_steps=2", "checkpoint_every=1"))
+    shutil.rmtree(out / "mlm" / "model")
+    with pytest.raises(MedclfError, match="max_length=64 there, 32 now"):
+        mlm.run(spec(out, tiny_bert, "max_steps=2", "max_length=32"))
+
+
+def test_minilm_on_the_real_data(minilm, prepared, tmp_path, caplog):
+    from transformers import AutoModelForMaskedLM
+
+    out = tmp_path / "run"
+    shutil.copytree(prepared / "prepare", out / "prepare")
+    caplog.set_level(logging.INFO)
+    mlm.run(config.load("mlm", None, [f"out={out}", f"model={minilm}", "max_length=128", "batch_size=4",
+                                      "micro_batch_size=2", "max_steps=3", "eval_blocks=8", "lr=1e-4"]))
+    assert "has no masked-LM head weights; initialised" in caplog.text
+    metrics = json.loads((out / "mlm" / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["train_blocks"] > 5000
+    assert 0 < metrics["val_after"]["loss"] < 20
+    model = AutoModelForMaskedLM.from_pretrained(out / "mlm" / "model")
+    assert model.config.max_position_embeddings == 512
+
+
+# ---------------------------------------------------------------- stop signals
+
+
+def test_sigusr1_saves_a_checkpoint_exits_75_and_resumes_exactly(tiny_bert, mtsamples, tmp_path):
+    whole, stopped = small_run(tmp_path / "whole", mtsamples), small_run(tmp_path / "stopped", mtsamples)
+    args = ["max_steps=8", "checkpoint_every=100"]
+    mlm.run(spec(whole, tiny_bert, *args))
+    command = [sys.executable, "-m", "medclf", "mlm", f"out={stopped}", f"model={tiny_bert}", *TINY_ARGS, *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MEDCLF_TEST_STEP_SLEEP": "0.5"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = ""
+    deadline = time.time() + 120
+    while "step 2/8" not in seen and time.time() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        seen += line
+    process.send_signal(signal.SIGUSR1)
+    seen += process.communicate(timeout=120)[0]
+    assert process.returncode == EXIT_PREEMPTED, seen[-2000:]
+    root = str(stopped / "mlm" / "checkpoints")
+    latest = checkpoint.find_latest(root)
+    assert latest is not None and 2 <= int(latest.rsplit("-", 1)[1]) < 8
+    assert not (stopped / "mlm" / "model").exists()
+    mlm.run(spec(stopped, tiny_bert, *args))
+    assert_same_weights(weights(whole), weights(stopped))
