@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from typing import Optional
 
 from medclf import storage
@@ -36,27 +37,59 @@ def resolve(ref: str) -> str:
             return path  # bert-base-uncased or org/name: transformers fetches and caches it
         raise MedclfError(f"{ref}: no such model folder")
     local = os.path.join(CACHE, "models", _fingerprint(ref))
-    done = os.path.join(local, ".complete")
-    if not os.path.exists(done):
-        # Fetch into a fresh folder, then mark it complete; a stopped fetch is redone next time.
-        tmp = f"{local}.tmp-{os.getpid()}"
-        storage.download_dir(ref, tmp)
-        check_bert_family(tmp, ref)
-        os.makedirs(os.path.dirname(local), exist_ok=True)
-        shutil.rmtree(local, ignore_errors=True)
-        os.replace(tmp, local)
-        open(done, "w").close()
+    if not os.path.exists(os.path.join(local, ".complete")):
+        _fetch(ref, local)
     return local
+
+
+def _fetch(url: str, local: str) -> None:
+    """Download into a private folder, check it, then rename it into place in one step.
+
+    Every rank of a run may fetch the same model at once: the first rename wins, the others drop
+    their copy, and no process deletes a folder that another one may be loading from.
+    """
+    tmp = f"{local}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        storage.download_dir(url, tmp)
+        _check_manifest(tmp, url)
+        check_bert_family(tmp, url)
+        open(os.path.join(tmp, ".complete"), "w").close()
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        if os.path.isdir(local) and not os.path.exists(os.path.join(local, ".complete")):
+            shutil.rmtree(local, ignore_errors=True)  # an older fetch stopped halfway
+        try:
+            os.rename(tmp, local)
+        except OSError:
+            if not os.path.exists(os.path.join(local, ".complete")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_manifest(folder: str, url: str) -> None:
+    """A folder published by medclf lists its files in manifest.json, written last: all must match."""
+    path = os.path.join(folder, "manifest.json")
+    if not os.path.exists(path):
+        return  # a folder uploaded by other tools: nothing to check against
+    with open(path, encoding="utf-8") as f:
+        listed = json.load(f).get("files", {})
+    for name, expected in listed.items():
+        local = os.path.join(folder, *name.split("/"))
+        try:
+            with open(local, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+        except FileNotFoundError:
+            raise MedclfError(f"{url}/{name}: listed in the manifest but missing") from None
+        if digest != expected.get("sha256"):
+            raise MedclfError(f"{url}/{name}: differs from the folder's manifest (replaced while being read?)")
 
 
 def _fingerprint(url: str) -> str:
     """Names, sizes and versions of a remote folder's files: a changed model is fetched again."""
     fs, path = storage.filesystem(url)
-    fs.invalidate_cache(path)
-    try:
+    with storage.reported(url):
+        fs.invalidate_cache(path)
         files = fs.find(path, detail=True)
-    except Exception as e:  # noqa: BLE001
-        raise MedclfError(f"{url}: {storage.describe_error(e)}") from None
     if not files:
         raise MedclfError(f"{url}: no such model folder, or it is empty")
     listing = sorted(

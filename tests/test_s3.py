@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pathlib
 import subprocess
 import sys
 import time
 
 import pytest
 
-from medclf import config, prepare, storage
+from medclf import config, models, prepare, storage
 from medclf.config import StorageSpec
 from medclf.errors import MedclfError
+from tests.conftest import REPO
 
 MiB = 1 << 20
 
@@ -29,6 +31,12 @@ def upload_raw(s3, mtsamples) -> str:
     url = f"{s3.url}/raw/mtsamples.csv"
     storage.write_bytes(url, mtsamples.read_bytes())
     return url
+
+
+def s3_weights(url: str) -> dict:
+    from safetensors.torch import load
+
+    return load(storage.read_bytes(url))
 
 
 def medclf(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -187,3 +195,89 @@ def test_frozen_server_small_write_fails_in_bounded_time(s3):
         assert time.monotonic() - started < 6
     storage.write_json(f"{s3.url}/note.json", {"x": 2})
     assert storage.read_json(f"{s3.url}/note.json") == {"x": 2}
+
+
+# ---------------------------------------------------------------- model folders on S3
+
+
+def test_model_folder_on_s3_is_fetched_once_and_checked_against_its_manifest(s3, tiny_bert, tmp_path, monkeypatch):
+    from medclf import checkpoint
+
+    monkeypatch.setattr(models, "CACHE", str(tmp_path / "cache"))
+    url = f"{s3.url}/models/tiny-bert"
+    checkpoint.publish_dir(str(tiny_bert), url)  # as the mlm job publishes its adapted model
+    local = models.resolve(url)
+    assert pathlib.Path(local).parent == tmp_path / "cache" / "models"
+    assert sorted(os.listdir(tmp_path / "cache" / "models")) == [os.path.basename(local)]  # no temporaries left
+    assert models.resolve(url) == local  # unchanged on S3: the cached copy
+
+    # Replaced behind the manifest's back (or read while being republished): refused by name.
+    storage.write_text(f"{url}/config.json", (tiny_bert / "config.json").read_text().replace("2", "3", 1))
+    with pytest.raises(MedclfError, match=r"tiny-bert/config\.json: differs from the folder's manifest"):
+        models.resolve(url)
+    assert sorted(os.listdir(tmp_path / "cache" / "models")) == [os.path.basename(local)]
+    with pytest.raises(MedclfError, match="no such model folder, or it is empty"):
+        models.resolve(f"{s3.url}/models/absent")
+
+
+# ---------------------------------------------------------------- the mlm job on S3
+
+
+def test_mlm_on_s3_fails_when_frozen_mid_checkpoint_and_resumes_exactly(s3, tiny_bert, mtsamples, tmp_path,
+                                                                        monkeypatch, caplog):
+    from medclf import checkpoint, mlm
+    from tests.test_mlm import TINY_ARGS, assert_same_weights, small_run
+
+    # Everything on S3: the model folder, the prepared notes, checkpoints, the adapted model.
+    monkeypatch.setattr(models, "CACHE", str(tmp_path / "cache"))
+    model_url = f"{s3.url}/models/tiny-bert"
+    storage.upload_dir(str(tiny_bert), model_url)
+    notes = small_run(tmp_path / "notes", mtsamples)
+    for run in ("whole", "faulty"):
+        storage.upload_dir(str(notes / "prepare"), f"{s3.url}/{run}/prepare")
+
+    def args(run: str) -> list[str]:
+        return [f"out={s3.url}/{run}", f"model={model_url}", *TINY_ARGS, "max_steps=8", "checkpoint_every=3",
+                *s3.overrides]
+
+    # -- the uninterrupted run
+    mlm.run(config.load("mlm", None, args("whole")))
+
+    # -- the same run as a CLI job; the server freezes while checkpoint 6 is half-written
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MEDCLF_CACHE": str(tmp_path / "cache"),
+           checkpoint.PAUSE_ENV: "1"}
+    command = [sys.executable, "-m", "medclf", "mlm", *args("faulty"), "storage.timeout_s=1", "storage.retries=1"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    half_written = f"pausing before the manifest of {s3.url}/faulty/mlm/checkpoints/step-0000006"
+    seen, deadline = "", time.monotonic() + 120
+    while half_written not in seen and time.monotonic() < deadline and process.poll() is None:
+        seen += process.stdout.readline()
+    assert half_written in seen, seen[-3000:]
+    with s3.server.frozen():
+        frozen_at = time.monotonic()
+        seen += process.communicate(timeout=60)[0]
+        failed_after = time.monotonic() - frozen_at
+    assert process.returncode == 2, seen[-3000:]
+    assert failed_after < 15  # the 1 s pause, then 1 attempt of at most 1 s at the manifest
+    errors = [line.split("medclf mlm: error: ", 1)[1] for line in seen.splitlines() if "medclf mlm: error: " in line]
+    assert len(errors) == 1, seen[-3000:]
+    assert "step-0000006/manifest.json: upload failed: no answer in time" in errors[0]
+    assert s3.server.secret not in seen
+
+    # -- the half-written checkpoint is there, never taken as complete; `latest` never moved to it
+    root = f"{s3.url}/faulty/mlm/checkpoints"
+    keys = s3.keys("faulty/mlm/checkpoints/step-0000006/")
+    assert "faulty/mlm/checkpoints/step-0000006/model.safetensors" in keys
+    assert "faulty/mlm/checkpoints/step-0000006/manifest.json" not in keys
+    assert storage.read_text(f"{root}/latest").strip() == "step-0000003"
+    assert checkpoint.find_latest(root) == checkpoint.step_url(root, 3)
+
+    # -- the server is back: resume=auto continues from step 3 and ends where the whole run ended
+    caplog.set_level("INFO")
+    mlm.run(config.load("mlm", None, args("faulty")))
+    assert f"resumed from {root}/step-0000003 at step 3" in caplog.text
+    assert_same_weights(s3_weights(f"{s3.url}/whole/mlm/model/model.safetensors"),
+                        s3_weights(f"{s3.url}/faulty/mlm/model/model.safetensors"))
+    assert storage.read_json(f"{s3.url}/faulty/mlm/metrics.json")["history"] == \
+        storage.read_json(f"{s3.url}/whole/mlm/metrics.json")["history"]
+    assert storage.read_text(f"{root}/latest").strip() == "step-0000008"
