@@ -6,6 +6,7 @@ tests freeze the server with SIGSTOP: moto keeps its objects in memory, so a kil
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import pathlib
@@ -281,3 +282,62 @@ def test_mlm_on_s3_fails_when_frozen_mid_checkpoint_and_resumes_exactly(s3, tiny
     assert storage.read_json(f"{s3.url}/faulty/mlm/metrics.json")["history"] == \
         storage.read_json(f"{s3.url}/whole/mlm/metrics.json")["history"]
     assert storage.read_text(f"{root}/latest").strip() == "step-0000008"
+
+
+# ---------------------------------------------------------------- the whole pipeline on S3
+
+PIPELINE = """
+out: s3://{bucket}/run
+storage:
+  endpoint_url: {endpoint}
+prepare:
+  input: s3://{bucket}/raw/mtsamples.csv
+  sample_notes: 160
+mlm:
+  model: s3://{bucket}/models/tiny-bert
+  max_length: 64
+  max_steps: 2
+  batch_size: 8
+  micro_batch_size: 4
+  eval_blocks: 4
+head:
+  encoder: adapted
+  max_length: 64
+  epochs: 2
+evaluate:
+  model: adapted
+predict:
+  model: s3://{bucket}/run/head-adapted/model
+  input: s3://{bucket}/run/prepare/validation.csv
+  output: s3://{bucket}/predictions.csv
+"""
+
+
+def test_tiny_pipeline_with_every_url_on_s3(s3, mtsamples, tiny_bert, tmp_path, monkeypatch):
+    import pandas as pd
+
+    from medclf import evaluate, head, mlm, predict
+
+    monkeypatch.setattr(models, "CACHE", str(tmp_path / "cache"))
+    upload_raw(s3, mtsamples)
+    storage.upload_dir(str(tiny_bert), f"{s3.url}/models/tiny-bert")
+    spec_url = f"{s3.url}/jobs/tiny-s3.yaml"  # the spec itself is read from S3, as the CLI would
+    storage.write_text(spec_url, PIPELINE.format(bucket=s3.bucket, endpoint=s3.server.endpoint))
+    for job in (prepare, mlm, head, evaluate, predict):
+        job_name = job.__name__.rsplit(".", 1)[1]
+        spec = config.load(job_name, storage.read_text(spec_url), [], source=spec_url)
+        storage.configure(spec.storage)
+        job.run(spec)
+
+    written = s3.keys("run/")
+    for key in ("prepare/stats.json", "mlm/model/manifest.json", "mlm/checkpoints/latest", "mlm/metrics.json",
+                "head-adapted/model/classifier.json", "head-adapted/metrics.json", "evaluate/adapted/report.md"):
+        assert f"run/{key}" in written, key
+    assert any(k.startswith("run/features/") for k in written)  # cached features went to S3 too
+    assert not any(k.startswith("run/") and "/." in k for k in written)  # no temporaries left behind
+    validation = pd.read_csv(io.BytesIO(storage.read_bytes(f"{s3.url}/run/prepare/validation.csv")))
+    predictions = pd.read_csv(io.BytesIO(storage.read_bytes(f"{s3.url}/predictions.csv")))
+    assert predictions["text_id"].tolist() == validation["text_id"].tolist()
+    classes = storage.read_json(f"{s3.url}/run/prepare/labels.json")["classes"]
+    assert set(predictions["predicted_specialty"]) <= set(classes)
+    assert s3.multipart_uploads() == []
