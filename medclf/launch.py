@@ -1,0 +1,40 @@
+"""`python -m medclf.launch ARGS` = `accelerate launch ARGS`, but a preempted job still exits 75.
+
+`accelerate launch` turns any worker's non-zero exit into its own status 1, so a batch script
+cannot tell "stopped by a signal after saving a checkpoint" (errors.EXIT_PREEMPTED) from a crash.
+The Slurm templates start jobs through this module and requeue on 75; everything else about the
+launch (arguments, config file, environment) is accelerate's own.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Optional
+
+from accelerate.commands.launch import launch_command, launch_command_parser
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from medclf.errors import EXIT_PREEMPTED
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = launch_command_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        launch_command(args)
+    except ChildFailedError as e:
+        # Several ranks: once one rank has exited, the agent stops the others with SIGTERM, and
+        # those are reported killed (negative status). A rank exits 75 only after all ranks
+        # agreed to stop and the checkpoint is complete, so 75 plus killed ranks is a preemption;
+        # any other status is a failure.
+        codes = sorted({failure.exitcode for failure in e.failures.values()})
+        preempted = EXIT_PREEMPTED in codes and all(c == EXIT_PREEMPTED or c < 0 for c in codes)
+        print(f"medclf.launch: worker exit status {codes}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED if preempted else 1)
+    except subprocess.CalledProcessError as e:
+        # One process: accelerate ran it as a plain subprocess.
+        sys.exit(e.returncode)
+
+
+if __name__ == "__main__":
+    main()

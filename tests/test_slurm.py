@@ -1,0 +1,238 @@
+"""The Slurm templates, submitted as users submit them, on a real two-node Slurm cluster on this host.
+
+tests/slurm/start.sh starts munged, slurmctld and two slurmd (n1, n2); the jobs run the tiny
+spec on CPU ranks (MEDCLF_CPU=1, gloo) through slurm/*.sbatch and slurm/submit_pipeline.sh.
+When the cluster cannot start, the tests fail with the reason; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import REPO
+
+SLURM = REPO / "slurm"
+CLUSTER = REPO / "tests" / "slurm"
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+STEPS = 8
+
+
+@dataclasses.dataclass
+class Cluster:
+    dir: pathlib.Path
+    env: dict
+
+    def sbatch(self, *args: str, **env: str) -> str:
+        """Submit with the given options and script arguments; the job id."""
+        done = subprocess.run(["sbatch", "--parsable", *args], env=self.env | env, cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"sbatch {' '.join(args)}: {done.stderr.strip()}"
+        return done.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict:
+        """`scontrol show job` as a dict of its key=value fields."""
+        done = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=self.env,
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, f"scontrol show job {job_id}: {done.stderr.strip()}"
+        return dict(re.findall(r"(\w+)=(\S*)", done.stdout))
+
+    def wait(self, job_id: str, timeout: float = 180, while_pending=None) -> dict:
+        """Poll until the job has finished (sbatch --wait backs off to tens of seconds); its fields."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            fields = self.job(job_id)
+            if fields["JobState"] in FINISHED:
+                return fields
+            if fields["JobState"] == "PENDING" and while_pending:
+                while_pending(fields)
+            time.sleep(0.3)
+        pytest.fail(f"job {job_id} not finished after {timeout} s: {self.job(job_id)}\n{self.log(job_id)[-3000:]}")
+
+    def log(self, job_id: str) -> str:
+        logs = list(self.dir.glob(f"logs/*-{job_id}.log"))
+        return logs[0].read_text(errors="replace") if logs else f"(no log for job {job_id})"
+
+    def assert_completed(self, job_id: str, fields: dict) -> None:
+        assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), (
+            f"job {job_id} {fields['JobState']} exit {fields['ExitCode']}:\n{self.log(job_id)[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("slurm")
+    started = subprocess.run(["bash", str(CLUSTER / "start.sh"), str(folder)], capture_output=True, text=True, timeout=120)
+    if started.returncode != 0:
+        subprocess.run(["bash", str(CLUSTER / "stop.sh"), str(folder)], timeout=120)
+        pytest.fail(f"the Slurm test cluster did not start (tests/slurm/start.sh):\n{started.stdout}{started.stderr}")
+    (folder / "logs").mkdir()
+    # The jobs inherit this environment (sbatch --export=ALL): this Python first on PATH, CPU ranks.
+    env = dict(os.environ, SLURM_CONF=str(folder / "slurm.conf"), MEDCLF_CPU="1",
+               PATH=f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env.pop("MEDCLF_TEST_STEP_SLEEP", None)
+    yield Cluster(folder, env)
+    subprocess.run(["bash", str(CLUSTER / "stop.sh"), str(folder)], timeout=120)
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory, tiny_bert, mtsamples) -> pathlib.Path:
+    """The tiny spec (tiny BERT, 64 tokens, 8 steps), its lr high enough that the loss moves.
+
+    The model has no dropout: each rank draws its own dropout masks, so with dropout a run on two
+    ranks is a different (equally valid) run, not the same one to float tolerance.
+    """
+    folder = tmp_path_factory.mktemp("slurm-spec")
+    model = shutil.copytree(tiny_bert, folder / "tiny-bert-no-dropout")
+    model_config = json.loads((model / "config.json").read_text())
+    model_config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model / "config.json").write_text(json.dumps(model_config))
+    text = {
+        "seed": 7,
+        "prepare": {"input": str(mtsamples), "sample_notes": 200},
+        "mlm": {"model": str(model), "max_length": 64, "max_steps": STEPS, "batch_size": 8,
+                "micro_batch_size": 4, "lr": 3.0e-3, "warmup_ratio": 0.0, "checkpoint_every": 4,
+                "log_every": 1, "eval_blocks": 16},
+        "head": {"max_length": 64, "epochs": 2, "encode_batch_size": 32},
+        "compare": {"seeds": 2, "bootstrap": 200},
+    }
+    path = folder / "tiny-slurm.yaml"
+    path.write_text(yaml.safe_dump(text))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared_run(tmp_path_factory, spec) -> pathlib.Path:
+    """A run folder holding prepare/ for the spec, copied into each mlm run."""
+    from medclf import config, prepare
+
+    out = tmp_path_factory.mktemp("slurm-prepared")
+    prepare.run(config.load("prepare", spec.read_text(), [f"out={out}"]))
+    return out
+
+
+def new_run(prepared_run: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
+    shutil.copytree(prepared_run / "prepare", folder / "prepare")
+    return folder
+
+
+def submit_mlm(cluster: Cluster, template: str, out: pathlib.Path, spec: pathlib.Path, nodes: int, procs: int,
+               **env: str) -> str:
+    return cluster.sbatch(f"--nodes={nodes}", "--gpus-per-node=0", f"--output={cluster.dir}/logs/%x-%j.log",
+                          f"--export=ALL,OUT={out},GPUS_PER_NODE={procs}", str(SLURM / template), str(spec), **env)
+
+
+def metrics(out: pathlib.Path) -> dict:
+    return json.loads((out / "mlm" / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("slurm-runs")
+
+
+@pytest.fixture(scope="module")
+def rank_runs(cluster, spec, prepared_run, runs_dir) -> dict:
+    """One process (the reference), one node × 2 processes, 2 nodes × 1 process: their run folders."""
+    layouts = {"1x1": ("single_node.sbatch", 1, 1), "1x2": ("single_node.sbatch", 1, 2),
+               "2x1": ("multi_node.sbatch", 2, 1)}
+    runs, jobs = {}, {}
+    for name, (template, nodes, procs) in layouts.items():
+        runs[name] = new_run(prepared_run, runs_dir / name)
+        jobs[name] = submit_mlm(cluster, template, runs[name], spec, nodes, procs)
+    for name, job_id in jobs.items():
+        cluster.assert_completed(job_id, cluster.wait(job_id))
+    assert cluster.job(jobs["2x1"])["NodeList"] == "n[1-2]"
+    return runs
+
+
+def test_ranks_on_one_node_and_across_two_nodes_match_one_process(rank_runs):
+    reference = metrics(rank_runs["1x1"])
+    assert reference["world_size"] == 1 and reference["steps"] == STEPS
+    # The comparison means something only if training moved the loss well beyond the tolerance.
+    moved = reference["val_before"]["loss"] - reference["val_after"]["loss"]
+    assert moved > 0.05, f"8 steps barely changed the validation loss ({moved:.2g}); the test would prove nothing"
+    for name in ("1x2", "2x1"):
+        run = metrics(rank_runs[name])
+        assert run["world_size"] == 2, f"{name}: ran with world size {run['world_size']}"
+        assert run["steps"] == STEPS
+        assert run["val_after"]["loss"] == pytest.approx(reference["val_after"]["loss"], rel=1e-4, abs=1e-5), name
+
+
+def test_preempted_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weights(
+        cluster, spec, prepared_run, rank_runs, runs_dir):
+    out = new_run(prepared_run, runs_dir / "preempted")
+    # One second per step, so the signal lands mid-training: after the step-4 checkpoint, before step 8.
+    job_id = submit_mlm(cluster, "single_node.sbatch", out, spec, 1, 2, MEDCLF_TEST_STEP_SLEEP="1")
+    latest = out / "mlm" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 120
+    while not (latest.exists() and latest.read_text().strip() == "step-0000004"):
+        assert time.monotonic() < deadline, f"no step-4 checkpoint after 120 s:\n{cluster.log(job_id)[-3000:]}"
+        assert cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), cluster.log(job_id)[-3000:]
+        time.sleep(0.2)
+    # What Slurm does before a time limit with --signal=USR1@N: USR1 to the job's steps.
+    subprocess.run(["scancel", "--signal=USR1", job_id], env=cluster.env, check=True, timeout=30)
+
+    # Slurm holds a requeued job ~120 s; once it is pending again, let it start in 3 s.
+    def start_soon(fields: dict) -> None:
+        if fields["Restarts"] != "0" and not start_soon.done:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+3"], env=cluster.env,
+                           check=True, timeout=30)
+            start_soon.done = True
+    start_soon.done = False
+    fields = cluster.wait(job_id, timeout=240, while_pending=start_soon)
+    cluster.assert_completed(job_id, fields)
+
+    log = cluster.log(job_id)
+    assert fields["Restarts"] == "1", f"the job was not requeued:\n{log[-3000:]}"
+    assert "stopped after a checkpoint: requeueing" in log and f"job {job_id} restart 1 " in log, log[-3000:]
+    # The stop came between checkpoints (every 4 steps): the job saved where it stopped.
+    saved = sorted(int(p.name.split("-")[1]) for p in (out / "mlm" / "checkpoints").glob("step-*"))
+    assert any(4 < step < STEPS for step in saved), f"no checkpoint between steps 4 and {STEPS}: {saved}"
+    run, reference = metrics(out), metrics(rank_runs["1x2"])
+    assert run["world_size"] == 2 and run["val_after"] == reference["val_after"]
+    weights = load_file(out / "mlm" / "model" / "model.safetensors")
+    expected = load_file(rank_runs["1x2"] / "mlm" / "model" / "model.safetensors")
+    assert weights.keys() == expected.keys()
+    different = [k for k in weights if not torch.equal(weights[k], expected[k])]
+    assert not different, f"resumed weights differ from the uninterrupted run's: {different[:5]}"
+
+
+def test_pipeline_chain_runs_in_dependency_order_and_writes_the_comparison(cluster, spec, runs_dir):
+    out = runs_dir / "pipeline"
+    done = subprocess.run(["bash", str(SLURM / "submit_pipeline.sh"), str(spec)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120,
+                          env=cluster.env | {"OUT": str(out), "GPUS_PER_NODE": "2",
+                                             "SBATCH_EXTRA": f"--output={cluster.dir}/logs/%x-%j.log"})
+    assert done.returncode == 0, done.stderr
+    jobs = dict(line.split() for line in done.stdout.splitlines())
+    assert list(jobs) == ["prepare", "mlm", "head-pretrained", "head-adapted", "compare"]
+    fields = {}
+    for name, job_id in jobs.items():
+        fields[name] = cluster.wait(job_id, timeout=300)
+        cluster.assert_completed(job_id, fields[name])
+
+    # Each job started only after the jobs it depends on had ended.
+    def after(later: str, *earlier: str) -> None:
+        for name in earlier:
+            assert fields[later]["StartTime"] >= fields[name]["EndTime"], f"{later} started before {name} ended"
+    after("mlm", "prepare")
+    after("head-pretrained", "prepare")
+    after("head-adapted", "mlm")
+    after("compare", "head-pretrained", "head-adapted")
+    assert metrics(out)["world_size"] == 2
+    for name in ("head-pretrained", "head-adapted"):
+        assert (out / name / "metrics.json").exists(), name
+    comparison = (out / "comparison.md").read_text()
+    assert "pretrained" in comparison and "adapted" in comparison
