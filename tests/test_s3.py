@@ -341,3 +341,5 @@ def test_tiny_pipeline_with_every_url_on_s3(s3, mtsamples, tiny_bert, tmp_path, 
     classes = storage.read_json(f"{s3.url}/run/prepare/labels.json")["classes"]
     assert set(predictions["predicted_specialty"]) <= set(classes)
     assert s3.multipart_uploads() == []
+    for key in (k for k in written if k.endswith((".yaml", ".json"))):  # saved specs and metadata
+        assert s3.server.secret not in storage.read_text(f"{s3.url}/{key}"), key
