@@ -82,8 +82,9 @@ def test_cli_missing_bucket_or_wrong_credentials_is_one_line_and_writes_nothing(
             assert s3.server.secret not in denied.stderr + denied.stdout and wrong not in denied.stderr + denied.stdout
     assert s3.keys() == before and not (tmp_path / "run").exists()
 
-    # The same credentials, right this time: the CLI run writes the four files.
-    ok = medclf("prepare", f"out={s3.url}/run", f"prepare.input={raw}", endpoint, "prepare.sample_notes=400")
+    # Right credentials, and the endpoint from the standard environment this time: the four files.
+    ok = medclf("prepare", f"out={s3.url}/run", f"prepare.input={raw}", "prepare.sample_notes=400",
+                env={"AWS_ENDPOINT_URL": s3.server.endpoint})
     assert ok.returncode == 0, ok.stderr
     assert s3.server.secret not in ok.stderr + ok.stdout
     assert len(s3.keys("run/prepare/")) == 4
