@@ -1,0 +1,193 @@
+"""The classifier: a BERT-family encoder plus the original three-layer head, saved as safetensors + JSON.
+
+    <model>/classifier.json   class names, encoder reference and fingerprint, pooling, max_length, sizes
+    <model>/head.safetensors  the head's weights
+    <model>/encoder/          only for a fine-tuned classifier (freeze=false): its own encoder copy
+    <model>/manifest.json     size and SHA-256 of every file above, written last: loading checks them
+
+A frozen classifier references its encoder (the pretrained checkpoint or the mlm job's output)
+instead of copying it; the fingerprint stored with it makes a later change of that encoder an
+error at load time rather than silently wrong predictions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from medclf import checkpoint, models, storage
+from medclf.errors import MedclfError
+
+FORMAT = "medclf-classifier/1"
+
+
+class Head(nn.Module):
+    """The original head: Linear(h,h)-ReLU-Dropout-Linear(h,h)-ReLU-Dropout-Linear(h,classes)."""
+
+    def __init__(self, hidden_size: int, num_classes: int, dropout: float = 0.2):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden_size, num_classes),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """The note's vector from the last layer: its [CLS] token, or the mean over real (unpadded) tokens."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class Classifier(nn.Module):
+    """Encoder + head on token ids. A frozen encoder stays in eval mode even while the head trains."""
+
+    def __init__(self, encoder: nn.Module, head: Head, pooling: str, frozen: bool):
+        super().__init__()
+        self.encoder, self.head, self.pooling, self.frozen = encoder, head, pooling, frozen
+        if frozen:
+            self.encoder.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "Classifier":
+        super().train(mode)
+        if self.frozen:
+            self.encoder.eval()  # deterministic features: no dropout inside the encoder
+        return self
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return pool(hidden, attention_mask, self.pooling).float()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(input_ids, attention_mask))
+
+
+@dataclass
+class ClassifierInfo:
+    """What classifier.json holds: enough to rebuild the classifier and check its inputs."""
+
+    classes: list[str]
+    encoder: str  # a model reference, or "encoder" for the copy inside the model folder
+    encoder_fingerprint: str
+    pooling: str
+    max_length: int
+    hidden_size: int
+    dropout: float
+    frozen: bool
+    format: str = FORMAT
+
+
+# ---------------------------------------------------------------- encoders
+
+
+def load_encoder(ref: str) -> tuple[nn.Module, object, str]:
+    """(encoder, tokenizer, local folder or hub id) for any model reference models.resolve accepts."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    where = models.resolve(ref)
+    # An mlm checkpoint carries an unused masked-LM head and no pooler; that is expected here.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        encoder = AutoModel.from_pretrained(where)
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except OSError as e:
+        raise MedclfError(f"{ref}: cannot load encoder ({' '.join(str(e).split())[:200]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return encoder, tokenizer, where
+
+
+def fingerprint(where: str) -> str:
+    """Content hash of a model folder (names and bytes of every file); a hub id stands for itself."""
+    if not os.path.isdir(where):
+        return "hub:" + where
+    digest = hashlib.sha256()
+    for root, _, files in sorted(os.walk(where)):
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = os.path.join(root, name)
+            digest.update(os.path.relpath(path, where).encode() + b"\0")
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(8 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:20]
+
+
+def check_max_length(max_length: int, where: str, ref: str, key: str) -> None:
+    positions = models.max_positions(where)
+    if positions is not None and max_length > positions:
+        raise MedclfError(f"{key}={max_length} is above {ref}'s max_position_embeddings {positions}")
+
+
+# ---------------------------------------------------------------- save and load
+
+
+def save(url: str, head: Head, info: ClassifierInfo, encoder: Optional[nn.Module] = None, tokenizer=None) -> None:
+    """Write the classifier folder; its manifest last, so a folder without one is an interrupted save."""
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "head.safetensors"), "wb") as f:
+            f.write(save_safetensors(state, metadata={"format": FORMAT}))
+        if encoder is not None:
+            encoder.save_pretrained(os.path.join(tmp, "encoder"), safe_serialization=True)
+            tokenizer.save_pretrained(os.path.join(tmp, "encoder"))
+        with open(os.path.join(tmp, "classifier.json"), "w", encoding="utf-8") as f:
+            f.write(json.dumps(asdict(info), indent=2) + "\n")
+        checkpoint.publish_dir(tmp, url)
+
+
+def read_info(url: str) -> ClassifierInfo:
+    """classifier.json, once every file of the folder has matched its manifest (size and SHA-256)."""
+    if not storage.exists(storage.join(url, "classifier.json")):
+        raise MedclfError(f"{url}: not a medclf classifier folder (no classifier.json)")
+    checkpoint.verify(url, what="classifier")
+    raw = storage.read_json(storage.join(url, "classifier.json"))
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise MedclfError(f"{storage.join(url, 'classifier.json')}: not a medclf classifier ({FORMAT})")
+    try:
+        return ClassifierInfo(**raw)
+    except TypeError as e:
+        raise MedclfError(f"{storage.join(url, 'classifier.json')}: {e}") from None
+
+
+def load(url: str) -> tuple[Classifier, object, ClassifierInfo]:
+    """(classifier in eval mode, tokenizer, info) from a folder written by `save`."""
+    info = read_info(url)
+    ref = storage.join(url, "encoder") if info.encoder == "encoder" else info.encoder
+    encoder, tokenizer, where = load_encoder(ref)
+    check_max_length(info.max_length, where, ref, f"{storage.join(url, 'classifier.json')}: max_length")
+    if info.encoder != "encoder" and fingerprint(where) != info.encoder_fingerprint:
+        raise MedclfError(
+            f"{url}: its encoder {ref} has changed since the head was trained "
+            f"(fingerprint {fingerprint(where)}, expected {info.encoder_fingerprint}); train the head again"
+        )
+    head = Head(info.hidden_size, len(info.classes), info.dropout)
+    url_head = storage.join(url, "head.safetensors")
+    try:
+        head.load_state_dict(load_safetensors(storage.read_bytes(url_head)))
+    except (RuntimeError, ValueError) as e:
+        raise MedclfError(f"{url_head}: does not fit the head in classifier.json ({str(e).splitlines()[0]})") from None
+    model = Classifier(encoder, head, info.pooling, frozen=True)  # inference only: never trains again
+    return model.eval(), tokenizer, info
+
+
+def describe(info: ClassifierInfo) -> str:
+    return json.dumps({k: v for k, v in asdict(info).items() if k != "classes"})

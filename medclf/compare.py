@@ -1,0 +1,214 @@
+"""The compare job: the original experiment, out-of-the-box against adapted encoder, with statistics.
+
+    medclf compare jobs/mtsamples.yaml                 # after prepare and mlm (heads optional)
+
+For each encoder in compare.encoders the same head (head.* settings) is trained with
+compare.seeds seeds on the cached features and scored on the same validation split. Writes
+<out>/comparison.md and <out>/comparison.json: mean ± sd of every metric, a paired bootstrap
+95% interval of the weighted-F1 difference (rows resampled, the same rows for both encoders),
+McNemar's test on the seed-averaged predictions, and one sentence saying whether adaptation helped.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from scipy import stats
+from torch.utils.data import TensorDataset
+
+from medclf import data, evaluate, features, models, runtime, storage
+from medclf.classifier import Classifier, Head, check_max_length, fingerprint, load_encoder
+from medclf.config import RunSpec
+from medclf.errors import MedclfError
+from medclf.head import encoder_reference, fit
+
+log = logging.getLogger(__name__)
+
+
+def run(spec: RunSpec) -> None:
+    cfg, head_cfg = spec.compare, spec.head
+    if len(cfg.encoders) != 2:
+        raise MedclfError(f"compare.encoders: needs exactly two encoders (baseline, candidate), got {cfg.encoders}")
+    if cfg.seeds < 1:
+        raise MedclfError(f"compare.seeds={cfg.seeds}: needs at least 1")
+    if not head_cfg.freeze:
+        raise MedclfError("compare uses cached features of frozen encoders; set head.freeze=true")
+    out_md, out_json = storage.join(spec.out, "comparison.md"), storage.join(spec.out, "comparison.json")
+    storage.check_output(out_md, spec.overwrite)
+    refs = [encoder_reference(spec, e) for e in cfg.encoders]  # fails early if the adapted model is missing
+    for ref in refs:  # both encoders checked before either is run, so a bad second one leaves nothing behind
+        check_max_length(head_cfg.max_length, models.resolve(ref), ref, "head.max_length")
+
+    # -- data
+    prepared = storage.join(spec.out, "prepare")
+    classes = data.read_labels(storage.join(prepared, "labels.json"))
+    train_url = head_cfg.train or storage.join(prepared, "train.csv")
+    validation_url = head_cfg.validation or storage.join(prepared, "validation.csv")
+    train_df, train_y = data.read_labeled(train_url, classes)
+    validation_df, validation_y = data.read_labeled(validation_url, classes)
+    label_sets = evaluate.note_labels(spec.out, validation_df)
+    accelerator = runtime.make_accelerator()
+
+    # -- per encoder: features (cached), then one head per seed
+    seeds = [spec.seed + i for i in range(cfg.seeds)]
+    runs: dict[str, list[dict]] = {}
+    probs: dict[str, np.ndarray] = {}
+    for keyword, ref in zip(cfg.encoders, refs):
+        encoder, tokenizer, where = load_encoder(ref)
+        check_max_length(head_cfg.max_length, where, ref, "head.max_length")
+        model = Classifier(encoder, Head(encoder.config.hidden_size, len(classes)), head_cfg.pooling, frozen=True)
+        cached = dict(max_length=head_cfg.max_length, batch_size=head_cfg.encode_batch_size, accelerator=accelerator,
+                      cache_dir=storage.join(spec.out, "features"), encoder_fingerprint=fingerprint(where))
+        train_x = features.cached_encode(model, tokenizer, train_df[data.TEXT].tolist(), source=train_url, **cached)
+        validation_x = features.cached_encode(
+            model, tokenizer, validation_df[data.TEXT].tolist(), source=validation_url, **cached)
+        del model, encoder
+        runs[keyword], probs[keyword] = [], np.zeros((len(validation_y), len(classes)))
+        for seed in seeds:
+            runtime.seed_everything(seed)
+            head = fit(accelerator, Head(train_x.shape[1], len(classes), head_cfg.dropout),
+                       TensorDataset(train_x, torch.tensor(train_y)), epochs=head_cfg.epochs,
+                       batch_size=head_cfg.batch_size, lr=head_cfg.lr, seed=seed)
+            with torch.no_grad():
+                p = torch.softmax(head.eval()(validation_x.to(accelerator.device)).float().cpu(), -1).numpy()
+            predicted = p.argmax(1)
+            runs[keyword].append({"seed": seed, "predicted": predicted,
+                                  **evaluate.metrics(classes, validation_y, predicted, label_sets)})
+            probs[keyword] += p / len(seeds)
+            log.info("%s seed %d: f1_weighted %.4f", keyword, seed, runs[keyword][-1]["f1_weighted"])
+
+    # -- statistics: candidate minus baseline, on the same validation rows
+    base, cand = cfg.encoders
+    low, high, observed = paired_bootstrap_f1(
+        validation_y, [r["predicted"] for r in runs[base]], [r["predicted"] for r in runs[cand]],
+        len(classes), cfg.bootstrap, spec.seed)
+    ensemble = {k: probs[k].argmax(1) for k in cfg.encoders}
+    test = mcnemar(ensemble[base] == validation_y, ensemble[cand] == validation_y)
+    per_seed = [mcnemar(a["predicted"] == validation_y, b["predicted"] == validation_y)["p_exact"]
+                for a, b in zip(runs[base], runs[cand])]
+    summary = {
+        "encoders": dict(zip(cfg.encoders, refs)),
+        "seeds": seeds,
+        "settings": {"max_length": head_cfg.max_length, "epochs": head_cfg.epochs, "batch_size": head_cfg.batch_size,
+                     "lr": head_cfg.lr, "pooling": head_cfg.pooling, "validation": validation_url,
+                     "validation_rows": len(validation_y)},
+        "metrics": {k: {m: summarize([r[m] for r in runs[k]]) for m in evaluate.HEADLINE} for k in cfg.encoders},
+        "f1_weighted_difference": {"observed": observed, "ci95": [low, high], "resamples": cfg.bootstrap},
+        "mcnemar_seed_averaged": test,
+        "mcnemar_per_seed_p_exact": per_seed,
+    }
+    summary["verdict"] = verdict(base, cand, summary)
+
+    if accelerator.is_main_process:
+        storage.write_json(out_json, summary)
+        storage.write_text(out_md, comparison_markdown(summary))
+        log.info("wrote %s: %s", out_md, summary["verdict"])
+    accelerator.wait_for_everyone()
+
+
+def summarize(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "sd": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "values": a.tolist()}
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def weighted_f1(y: np.ndarray, predicted: np.ndarray, weights: np.ndarray, num_classes: int) -> np.ndarray:
+    """Support-weighted F1 (sklearn's `average='weighted'`) under row weights [resamples, rows]."""
+    weights = np.atleast_2d(weights).astype(float)
+    total = np.zeros(weights.shape[0])
+    for c in range(num_classes):
+        true, pred = y == c, predicted == c
+        tp, fp, fn = weights @ (true & pred), weights @ (~true & pred), weights @ (true & ~pred)
+        denominator = 2 * tp + fp + fn
+        f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+        total += (tp + fn) * f1
+    return total / weights.sum(1)
+
+
+def paired_bootstrap_f1(y: np.ndarray, baseline: list[np.ndarray], candidate: list[np.ndarray],
+                        num_classes: int, resamples: int, seed: int, chunk: int = 1000) -> tuple[float, float, float]:
+    """95% percentile interval of mean-over-seeds weighted F1, candidate minus baseline.
+
+    Each resample draws validation rows with replacement and scores both encoders (all their
+    seeds) on the same draw, so the interval reflects the paired difference, not two noises.
+    """
+    n = len(y)
+    observed = float(np.mean([weighted_f1(y, p, np.ones(n), num_classes)[0] for p in candidate])
+                     - np.mean([weighted_f1(y, p, np.ones(n), num_classes)[0] for p in baseline]))
+    rng = np.random.default_rng(seed)
+    differences = []
+    for start in range(0, resamples, chunk):
+        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=min(chunk, resamples - start))
+        score = {name: np.mean([weighted_f1(y, p, weights, num_classes) for p in preds], axis=0)
+                 for name, preds in (("b", baseline), ("c", candidate))}
+        differences.append(score["c"] - score["b"])
+    low, high = np.percentile(np.concatenate(differences), [2.5, 97.5])
+    return float(low), float(high), observed
+
+
+def mcnemar(baseline_correct: np.ndarray, candidate_correct: np.ndarray) -> dict:
+    """McNemar's test on paired right/wrong: exact two-sided binomial, and chi-square with continuity correction."""
+    b = int(np.sum(baseline_correct & ~candidate_correct))  # only the baseline right
+    c = int(np.sum(~baseline_correct & candidate_correct))  # only the candidate right
+    if b + c == 0:
+        return {"baseline_only_correct": b, "candidate_only_correct": c, "p_exact": 1.0, "chi2": 0.0, "p_chi2": 1.0}
+    chi2 = (abs(b - c) - 1) ** 2 / (b + c)
+    return {
+        "baseline_only_correct": b,
+        "candidate_only_correct": c,
+        "p_exact": float(stats.binomtest(min(b, c), b + c, 0.5).pvalue),
+        "chi2": float(chi2),
+        "p_chi2": float(stats.chi2.sf(chi2, 1)),
+    }
+
+
+def verdict(base: str, cand: str, summary: dict) -> str:
+    """One plain sentence with its evidence."""
+    diff = summary["f1_weighted_difference"]
+    low, high = diff["ci95"]
+    p = summary["mcnemar_seed_averaged"]["p_exact"]
+    f1 = summary["metrics"]
+    subject = "adaptation" if (base, cand) == ("pretrained", "adapted") else f"{cand} over {base}"
+    evidence = (
+        f"weighted F1 {f1[cand]['f1_weighted']['mean']:.3f} vs {f1[base]['f1_weighted']['mean']:.3f} "
+        f"(difference {diff['observed']:+.3f}, 95% CI {low:+.3f} to {high:+.3f}); "
+        f"McNemar on the seed-averaged predictions p = {p:.3g}"
+    )
+    if low > 0 and p < 0.05:
+        return f"Yes, {subject} helped: {evidence}."
+    if low > 0:
+        return f"Probably, {subject} helped a little: the F1 interval excludes zero but McNemar's test does not confirm it; {evidence}."
+    if high < 0:
+        return f"No, {subject} hurt: {evidence}."
+    return f"No clear evidence that {subject} helped: the F1 interval includes zero; {evidence}."
+
+
+def comparison_markdown(summary: dict) -> str:
+    names = list(summary["encoders"])
+    s = summary["settings"]
+    lines = [
+        "# Comparison: " + " vs ".join(names), "",
+        summary["verdict"], "",
+        f"Heads trained with seeds {summary['seeds']} on cached features; max_length {s['max_length']}, "
+        f"{s['epochs']} epochs, batch {s['batch_size']}, lr {s['lr']}, pooling {s['pooling']}; "
+        f"scored on {s['validation_rows']} rows of {s['validation']}.", "",
+        "| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+    ]
+    for m in evaluate.HEADLINE:
+        cells = [f"{summary['metrics'][k][m]['mean']:.4f} ± {summary['metrics'][k][m]['sd']:.4f}" for k in names]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    diff, test = summary["f1_weighted_difference"], summary["mcnemar_seed_averaged"]
+    lines += [
+        "", "Encoders: " + "; ".join(f"{k} = {v}" for k, v in summary["encoders"].items()), "",
+        f"- Weighted-F1 difference ({names[1]} − {names[0]}, mean over seeds): {diff['observed']:+.4f}, "
+        f"paired bootstrap 95% CI [{diff['ci95'][0]:+.4f}, {diff['ci95'][1]:+.4f}] ({diff['resamples']} resamples).",
+        f"- McNemar on seed-averaged predictions: only {names[0]} right {test['baseline_only_correct']}, "
+        f"only {names[1]} right {test['candidate_only_correct']}; exact p = {test['p_exact']:.4g}, "
+        f"chi-square (continuity-corrected) {test['chi2']:.3f}, p = {test['p_chi2']:.4g}.",
+        "- McNemar exact p per seed pair: " + ", ".join(f"{p:.3g}" for p in summary["mcnemar_per_seed_p_exact"]) + ".",
+    ]
+    return "\n".join(lines) + "\n"

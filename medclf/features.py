@@ -1,0 +1,150 @@
+"""Note vectors from an encoder: each distinct text encoded once, length-sorted, sharded, cached.
+
+A frozen encoder's features are a deterministic function of the text, so the head job encodes
+each distinct text once (eval mode, batches of similar length padded only to their longest
+member, the work dealt across processes and gathered) and keeps the result under
+
+    <out>/features/<key>.safetensors
+
+where the key covers the encoder's content fingerprint, the texts, max_length and pooling:
+another head, seed or the compare job on the same data reads the file instead of encoding.
+Evaluate and predict use the same `encode`, so every path sees the same vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from medclf import storage
+from medclf.classifier import Classifier
+from medclf.errors import MedclfError
+
+log = logging.getLogger(__name__)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """Positions grouped longest first, so each batch pads to a length close to its members'."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def pad(ids: list[list[int]], pad_id: int, pad_to: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) padded to the longest sequence, or to `pad_to`."""
+    width = pad_to or max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[row, : len(x)] = 1
+    return input_ids, mask
+
+
+@torch.inference_mode()
+def encode(
+    model: Classifier,
+    tokenizer,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int,
+    accelerator: Accelerator,
+    sort_by_length: bool = True,
+    pad_to: Optional[int] = None,
+) -> torch.Tensor:
+    """Pooled last-layer vectors [len(texts), hidden] (float32, CPU, the same on every rank).
+
+    Copies of a text are encoded once. Distinct texts are ordered by length and dealt round-robin
+    to the ranks, so every rank gets a similar share of long and short notes; the results are
+    gathered with their positions and put back in input order. `sort_by_length=False` and
+    `pad_to` reproduce the original's fixed padding (for the benchmarks).
+    """
+    codes, distinct = pd.factorize(pd.Series(list(texts), dtype=object))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    by_chars = np.argsort(-distinct.str.len().to_numpy(), kind="stable") if sort_by_length else np.arange(len(distinct))
+    mine = by_chars[rank::world]
+    ids = tokenizer(list(distinct[mine]), truncation=True, max_length=max_length)["input_ids"] if len(mine) else []
+    batches = (
+        length_sorted_batches([len(x) for x in ids], batch_size)
+        if sort_by_length
+        else [np.arange(i, min(i + batch_size, len(ids))) for i in range(0, len(ids), batch_size)]
+    )
+
+    # -- encode this rank's share, batch by batch (eval mode: no dropout, no gradients)
+    model.to(accelerator.device).eval()
+    hidden = model.head.layers[0].in_features
+    started, tokens = time.perf_counter(), 0
+    out = torch.zeros((len(mine), hidden), dtype=torch.float32)
+    for batch in batches:
+        input_ids, mask = pad([ids[i] for i in batch], tokenizer.pad_token_id, pad_to)
+        with accelerator.autocast():
+            vectors = model.features(input_ids.to(accelerator.device), mask.to(accelerator.device))
+        out[torch.as_tensor(batch)] = vectors.float().cpu()
+        tokens += int(mask.sum())
+
+    # -- gather: equal-length pieces (padded with position -1), then back to input order
+    share = -(-len(distinct) // world)
+    positions = torch.full((share,), -1, dtype=torch.long)
+    positions[: len(mine)] = torch.as_tensor(mine, dtype=torch.long)
+    vectors = torch.zeros((share, hidden), dtype=torch.float32)
+    vectors[: len(mine)] = out
+    if world > 1:
+        positions = accelerator.gather(positions.to(accelerator.device)).cpu()
+        vectors = accelerator.gather(vectors.to(accelerator.device)).cpu()
+    everything = torch.zeros((len(distinct), hidden), dtype=torch.float32)
+    found = positions >= 0
+    everything[positions[found]] = vectors[found]
+    seconds = time.perf_counter() - started
+    log.info(
+        "encoded %d distinct texts (%d rows) in %.1f s on %d process(es); rank %d: %.0f tokens/s",
+        len(distinct), len(texts), seconds, world, rank, tokens / max(seconds, 1e-9),
+    )
+    return everything[torch.as_tensor(codes, dtype=torch.long)]
+
+
+def cache_key(encoder_fingerprint: str, texts: Sequence[str], max_length: int, pooling: str) -> str:
+    digest = hashlib.sha256(f"{encoder_fingerprint}\0{max_length}\0{pooling}\0".encode())
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\0")
+    return digest.hexdigest()[:24]
+
+
+def cached_encode(
+    model: Classifier,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    batch_size: int,
+    accelerator: Accelerator,
+    cache_dir: str,
+    encoder_fingerprint: str,
+    source: str,
+) -> torch.Tensor:
+    """`encode`, read from `cache_dir` when this encoder, data, max_length and pooling were seen before."""
+    key = cache_key(encoder_fingerprint, texts, max_length, model.pooling)
+    url = storage.join(cache_dir, f"{key}.safetensors")
+    if storage.exists(url):
+        vectors = load_safetensors(storage.read_bytes(url)).get("features")
+        if vectors is None or vectors.shape[0] != len(texts):
+            raise MedclfError(f"{url}: cached features do not match {source} ({len(texts)} rows); delete the file")
+        log.info("features of %s read from %s", source, url)
+        return vectors
+    vectors = encode(model, tokenizer, texts, max_length, batch_size, accelerator)
+    if accelerator.is_main_process:
+        metadata = {
+            "source": source, "encoder_fingerprint": encoder_fingerprint,
+            "max_length": str(max_length), "pooling": model.pooling, "rows": str(len(texts)),
+        }
+        storage.write_bytes(url, save_safetensors({"features": vectors.contiguous()}, metadata=metadata))
+        log.info("features of %s cached at %s", source, url)
+    accelerator.wait_for_everyone()
+    return vectors

@@ -1,0 +1,82 @@
+"""The predict job: classify new notes in batch, rows written in input order.
+
+    medclf predict --model s3://bucket/run/head-adapted/model --input s3://bucket/new.csv --output s3://bucket/pred.csv
+    accelerate launch -m medclf predict --model URL --input URL --output URL
+
+The input is read predict.chunk_rows rows at a time, so memory stays bounded however long the
+file is. Each chunk is encoded like the head's features (distinct texts once, length-sorted
+batches with dynamic padding, dealt across processes and gathered); the main process appends
+the chunk's rows to the output, which appears complete at the end or not at all. Columns: `row`
+(0-based input row), the input's other columns except the text, `prob_<class>` per class, and
+`predicted_specialty`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medclf import classifier, features, runtime, storage
+from medclf.config import RunSpec
+from medclf.errors import MedclfError
+
+log = logging.getLogger(__name__)
+
+
+def run(spec: RunSpec) -> None:
+    cfg = spec.predict
+    if cfg.chunk_rows < 1 or cfg.batch_size < 1:
+        raise MedclfError(f"predict.chunk_rows={cfg.chunk_rows}, predict.batch_size={cfg.batch_size}: must be ≥ 1")
+    storage.check_output(cfg.output, spec.overwrite)
+    accelerator = runtime.make_accelerator()
+    model, tokenizer, info = classifier.load(cfg.model)
+    model.to(accelerator.device)
+
+    started, rows = time.perf_counter(), 0
+    # The output is written by the main process only, atomically: complete at the end or absent.
+    writer = storage.atomic_write(cfg.output) if accelerator.is_main_process else contextlib.nullcontext()
+    with storage.open_read(cfg.input) as source, writer as sink:
+        for chunk in _chunks(source, cfg.input, cfg.text_column, cfg.chunk_rows):
+            # -- check, encode and classify one chunk
+            texts = chunk[cfg.text_column]
+            empty = np.flatnonzero((texts.str.strip() == "").to_numpy())
+            if len(empty):
+                raise MedclfError(f"{cfg.input}: row {rows + int(empty[0]) + 1}: empty {cfg.text_column}")
+            vectors = features.encode(model, tokenizer, texts.tolist(), info.max_length, cfg.batch_size, accelerator)
+            with torch.no_grad():
+                probs = torch.softmax(model.head(vectors.to(accelerator.device)).float(), -1).cpu().numpy()
+
+            # -- write the chunk's rows in input order (main process)
+            if sink is not None:
+                table = chunk.drop(columns=[cfg.text_column])
+                table.insert(0, "row", np.arange(rows, rows + len(chunk)))
+                for i, name in enumerate(info.classes):
+                    table[f"prob_{name}"] = probs[:, i]
+                table["predicted_specialty"] = np.asarray(info.classes)[probs.argmax(1)]
+                sink.write(table.to_csv(index=False, header=rows == 0, float_format="%.6f").encode("utf-8"))
+            rows += len(chunk)
+            log.info("%d rows classified, %.1f notes/s", rows, rows / (time.perf_counter() - started))
+        if rows == 0:
+            raise MedclfError(f"{cfg.input}: no rows to classify")
+    accelerator.wait_for_everyone()
+    log.info("wrote %s: %d rows", cfg.output, rows)
+
+
+def _chunks(source, url: str, text_column: str, chunk_rows: int):
+    """DataFrames of at most chunk_rows rows, all values as text; a missing text column names the file."""
+    try:
+        reader = pd.read_csv(source, dtype=str, keep_default_na=False, chunksize=chunk_rows, encoding="utf-8")
+        for chunk in reader:
+            if text_column not in chunk.columns:
+                raise MedclfError(
+                    f"{url}: missing column {text_column} (has: {', '.join(map(str, chunk.columns))}); "
+                    "set predict.text_column")
+            yield chunk
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise MedclfError(f"{url}: not a readable UTF-8 CSV ({' '.join(str(e).split())})") from None
+

@@ -1,0 +1,86 @@
+"""Metrics against hand-computed values, any-label accuracy, the report files, and the evaluate job."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medclf import config, evaluate, head
+from medclf.errors import MedclfError
+from tests.small_run import head_spec, make_small_run
+
+CLASSES = ["a", "b", "c"]
+Y_TRUE = np.array([0, 0, 0, 1, 1, 2])
+Y_PRED = np.array([0, 0, 1, 1, 2, 2])
+
+
+def test_metrics_match_hand_computed_values():
+    # a: tp 2 fp 0 fn 1 -> p 1, r 2/3, f1 0.8;  b: tp 1 fp 1 fn 1 -> 0.5 each;  c: tp 1 fp 1 fn 0 -> p 0.5, r 1, f1 2/3
+    labels = [{"a"}, {"a"}, {"a", "b"}, {"b"}, {"b"}, {"c"}]  # row 3 (true a, predicted b) is also a "b" note
+    m = evaluate.metrics(CLASSES, Y_TRUE, Y_PRED, labels)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["precision_weighted"] == pytest.approx((3 * 1 + 2 * 0.5 + 1 * 0.5) / 6)
+    assert m["recall_weighted"] == pytest.approx(4 / 6)
+    assert m["f1_weighted"] == pytest.approx((3 * 0.8 + 2 * 0.5 + 1 * 2 / 3) / 6)
+    assert m["f1_macro"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    assert m["any_label_accuracy"] == pytest.approx(5 / 6)
+    assert m["per_class"]["c"] == pytest.approx({"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1})
+    assert m["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+
+
+def test_any_label_sets_collect_every_copy_of_a_note_across_both_splits(tmp_path):
+    (tmp_path / "prepare").mkdir()
+    rows = lambda pairs: pd.DataFrame(  # noqa: E731
+        {"text_id": [t for t, _ in pairs], "medical_specialty": [s for _, s in pairs], "transcription": "x"})
+    rows([("n1", "b"), ("n2", "c")]).to_csv(tmp_path / "prepare" / "train.csv", index=False)
+    validation = rows([("n1", "a"), ("n3", "a"), ("n3", "c")])
+    validation.to_csv(tmp_path / "prepare" / "validation.csv", index=False)
+    assert evaluate.note_labels(str(tmp_path), validation) == [{"a", "b"}, {"a", "c"}, {"a", "c"}]
+
+
+def test_report_files(tmp_path):
+    evaluate.write_report(str(tmp_path), "toy", CLASSES, Y_TRUE, Y_PRED, None, about={"model": "m"})
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["model"] == "m" and metrics["any_label_accuracy"] is None
+    report = (tmp_path / "report.md").read_text()
+    assert "| f1_weighted | 0.6778 |" in report and "| c | 0.5000 | 1.0000 | 0.6667 | 1 |" in report
+    assert (tmp_path / "confusion.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, prepared, tiny_bert):
+    out = make_small_run(tmp_path_factory.mktemp("evaluate") / "run", prepared)
+    head.run(head_spec(out, tiny_bert, "epochs=2"))
+    return out
+
+
+def test_evaluate_job_reuses_the_cached_features_and_agrees_with_the_head_report(trained):
+    spec = config.load("evaluate", None, [f"out={trained}", "model=pretrained"])
+    evaluate.run(spec)
+    ours = json.loads((trained / "evaluate" / "pretrained" / "metrics.json").read_text())
+    heads = json.loads((trained / "head-pretrained" / "metrics.json").read_text())
+    assert ours["confusion_matrix"] == heads["confusion_matrix"]
+    for key in evaluate.HEADLINE:
+        assert ours[key] == pytest.approx(heads[key])
+    assert len(list((trained / "features").iterdir())) == 2  # nothing new was encoded
+    with pytest.raises(MedclfError, match="output exists"):
+        evaluate.run(spec)
+
+
+def test_evaluate_rejects_data_the_classifier_does_not_know(trained, tmp_path):
+    model = trained / "head-pretrained" / "model"
+    bad = tmp_path / "bad.csv"
+    df = pd.read_csv(trained / "prepare" / "validation.csv", dtype=str, keep_default_na=False)
+    df.loc[4, "medical_specialty"] = "Neurology"
+    df.to_csv(bad, index=False)
+    with pytest.raises(MedclfError, match=r"bad.csv: row 5: label 'Neurology' is not one of the classes"):
+        evaluate.run(config.load("evaluate", None, [f"out={tmp_path}", f"model={model}", f"data={bad}"]))
+
+    other = tmp_path / "other"
+    (other / "prepare").mkdir(parents=True)
+    (other / "prepare" / "labels.json").write_text(json.dumps({"classes": ["Surgery", "Neurology"]}))
+    with pytest.raises(MedclfError, match=r"classifier classes .* do not match .*labels.json"):
+        evaluate.run(config.load("evaluate", None, [f"out={other}", f"model={model}"]))

@@ -1,0 +1,75 @@
+"""Batch prediction: columns, input order across chunks and length-sorted batches, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from medclf import classifier, config, head, predict
+from medclf.errors import MedclfError
+from tests.small_run import head_spec, make_small_run
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, prepared, tiny_bert):
+    out = make_small_run(tmp_path_factory.mktemp("predict") / "run", prepared)
+    head.run(head_spec(out, tiny_bert, "epochs=3", "lr=0.01"))
+    return out / "head-pretrained" / "model"
+
+
+@pytest.fixture(scope="module")
+def notes(prepared) -> pd.DataFrame:
+    """Notes of very different lengths, shuffled, with a repeat: sorting and dedup must not show in the output."""
+    df = pd.read_csv(prepared / "prepare" / "validation.csv", dtype=str, keep_default_na=False).iloc[:11]
+    df = df[["text_id", "transcription"]].copy()
+    df.loc[3, "transcription"] = "Brief note: knee pain."
+    df.loc[8, "transcription"] = df.loc[1, "transcription"]
+    df.insert(0, "note_id", [f"n{i}" for i in range(len(df))])
+    return df
+
+
+def test_predict_writes_columns_and_rows_in_input_order(model_dir, notes, tmp_path):
+    source, target = tmp_path / "notes.csv", tmp_path / "out" / "pred.csv"
+    notes.to_csv(source, index=False)
+    predict.run(config.load("predict", None, [
+        f"model={model_dir}", f"input={source}", f"output={target}", "chunk_rows=4", "batch_size=3"]))
+    out = pd.read_csv(target, dtype={"note_id": str})
+    classes = json.loads((model_dir / "classifier.json").read_text())["classes"]
+    assert list(out.columns) == ["row", "note_id", "text_id"] + [f"prob_{c}" for c in classes] + ["predicted_specialty"]
+    assert out["row"].tolist() == list(range(len(notes))) and out["note_id"].tolist() == notes["note_id"].tolist()
+    probs = out[[f"prob_{c}" for c in classes]].to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert (out["predicted_specialty"] == np.asarray(classes)[probs.argmax(1)]).all()
+
+    # each row's probabilities are its own note's, classified alone
+    model, tokenizer, info = classifier.load(str(model_dir))
+    with torch.no_grad():
+        for i, text in enumerate(notes["transcription"]):
+            ids = tokenizer([text], truncation=True, max_length=info.max_length, return_tensors="pt")
+            alone = torch.softmax(model(ids["input_ids"], ids["attention_mask"]), -1)[0].numpy()
+            assert np.allclose(probs[i], alone, atol=1e-5), i
+    assert not np.allclose(probs[3], probs[0], atol=1e-4)  # the short note is not somebody else's row
+
+
+def test_predict_bad_input(model_dir, notes, tmp_path):
+    source, target = tmp_path / "notes.csv", tmp_path / "pred.csv"
+
+    def run(*extra):
+        predict.run(config.load("predict", None, [f"model={model_dir}", f"input={source}", f"output={target}", *extra]))
+
+    notes.rename(columns={"transcription": "text"}).to_csv(source, index=False)
+    with pytest.raises(MedclfError, match=r"notes.csv: missing column transcription"):
+        run()
+    run("text_column=text")  # the column named in the spec is the one read
+    with pytest.raises(MedclfError, match=r"pred.csv: output exists"):
+        run("text_column=text")
+
+    blank = notes.copy()
+    blank.loc[6, "transcription"] = "  "
+    blank.to_csv(source, index=False)
+    with pytest.raises(MedclfError, match=r"notes.csv: row 7: empty transcription"):
+        run("overwrite=true", "chunk_rows=4")
