@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 STEP_FOLDER = re.compile(r"^step-(\d{7,})$")
 MANIFEST = "manifest.json"
 LATEST = "latest"
-# Test hook: seconds to sleep after the files are written and before the manifest, so a test can
-# kill the job or freeze the storage while a checkpoint is half-written.
+# Test hook: seconds to sleep after the files are written and before the manifest (of a checkpoint
+# or a published model), so a test can kill the job or freeze the storage while a save is half-done.
 PAUSE_ENV = "MEDCLF_TEST_PAUSE_IN_CHECKPOINT"
 
 
@@ -85,10 +85,7 @@ def save(root: str, step: int, accelerator: Any, *, model: torch.nn.Module, opti
     if main:
         for rank in range(1, accelerator.num_processes):
             written[rng_name(rank)] = storage.read_bytes(storage.join(url, rng_name(rank)))
-        pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
-        if pause:
-            log.warning("%s=%s: pausing before the manifest of %s", PAUSE_ENV, pause, url)
-            time.sleep(pause)
+        _test_pause(url)
         files = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in written.items()}
         storage.write_json(storage.join(url, MANIFEST), {"step": step, "files": dict(sorted(files.items()))})
         storage.write_text(storage.join(root, LATEST), f"step-{step:07d}\n")
@@ -96,6 +93,13 @@ def save(root: str, step: int, accelerator: Any, *, model: torch.nn.Module, opti
         log.info("checkpoint saved: %s", url)
     accelerator.wait_for_everyone()
     return url
+
+
+def _test_pause(url: str) -> None:
+    pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
+    if pause:
+        log.warning("%s=%s: pausing before the manifest of %s", PAUSE_ENV, pause, url)
+        time.sleep(pause)
 
 
 def _prune(root: str, keep_last: int, newest: int) -> None:
@@ -182,13 +186,13 @@ def list_steps(root: str) -> list[int]:
     return sorted(int(m.group(1)) for name in storage.listdir(root) if (m := STEP_FOLDER.match(name)))
 
 
-def read_manifest(url: str) -> dict:
+def read_manifest(url: str, what: str = "checkpoint") -> dict:
     manifest_url = storage.join(url, MANIFEST)
     if not storage.exists(manifest_url):
-        raise MedclfError(f"{url}: incomplete checkpoint (no {MANIFEST})")
+        raise MedclfError(f"{url}: incomplete {what} (no {MANIFEST})")
     manifest = storage.read_json(manifest_url)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise MedclfError(f"{manifest_url}: not a checkpoint manifest")
+        raise MedclfError(f"{manifest_url}: not a {what} manifest")
     return manifest
 
 
@@ -196,7 +200,7 @@ def read_verified(url: str, name: str, manifest: dict) -> bytes:
     """A checkpoint file's bytes, refused by name if its size or SHA-256 differs from the manifest."""
     expected = manifest["files"].get(name)
     if expected is None:
-        raise MedclfError(f"{storage.join(url, name)}: not listed in the checkpoint manifest")
+        raise MedclfError(f"{storage.join(url, name)}: not listed in the manifest")
     data = storage.read_bytes(storage.join(url, name))
     if len(data) != expected["size"]:
         raise MedclfError(f"{storage.join(url, name)}: {len(data)} bytes, manifest says {expected['size']} (truncated?)")
@@ -205,9 +209,9 @@ def read_verified(url: str, name: str, manifest: dict) -> bytes:
     return data
 
 
-def verify(url: str) -> dict:
-    """Check every file of a checkpoint against its manifest; returns the manifest."""
-    manifest = read_manifest(url)
+def verify(url: str, what: str = "checkpoint") -> dict:
+    """Check every file of a checkpoint (or published folder) against its manifest; returns the manifest."""
+    manifest = read_manifest(url, what)
     for name in manifest["files"]:
         read_verified(url, name, manifest)
     return manifest
@@ -293,4 +297,5 @@ def publish_dir(local_dir: str, url: str) -> None:
                 data = f.read()
             rel = os.path.relpath(path, local_dir).replace(os.sep, "/")
             files[rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    _test_pause(url)
     storage.write_json(storage.join(url, MANIFEST), {"files": dict(sorted(files.items()))})

@@ -96,6 +96,7 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
     for key in ("max_length", "batch_size", "micro_batch_size", "checkpoint_every", "keep_last", "log_every"):
         if getattr(cfg, key) < 1:
             raise MedclfError(f"mlm.{key}: must be at least 1, got {getattr(cfg, key)}")
+    storage.check_writable(out)
     if not 0 < cfg.mlm_probability < 1:
         raise MedclfError(f"mlm.mlm_probability: must be between 0 and 1, got {cfg.mlm_probability}")
     model_path = models.resolve(cfg.model)
@@ -291,11 +292,15 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
 
 
 def _texts(urls: list[str], column: str) -> list[str]:
-    """Non-empty texts of the CSVs, each distinct note once (MTSamples lists many under two specialties)."""
+    """The texts of the CSVs, each distinct note once (MTSamples lists many under two specialties).
+
+    An empty text is refused by row, as in every job: it means the file is not what it should be.
+    """
     texts: list[str] = []
     for url in urls:
         df = data.read_table(url, [column])
-        texts += [t for t in df[column].tolist() if t.strip()]
+        data.check_texts(df, url, column)
+        texts += df[column].tolist()
     return list(dict.fromkeys(texts))
 
 

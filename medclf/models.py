@@ -31,6 +31,7 @@ def resolve(ref: str) -> str:
     if storage.is_local(ref):
         path = storage.local_path(ref)
         if os.path.isdir(path):
+            _check_manifest(path, ref)  # a model published by medclf: refuse a truncated or altered file
             check_bert_family(path, ref)
             return path
         if HUB_ID.match(path):
@@ -71,17 +72,23 @@ def _check_manifest(folder: str, url: str) -> None:
     path = os.path.join(folder, "manifest.json")
     if not os.path.exists(path):
         return  # a folder uploaded by other tools: nothing to check against
-    with open(path, encoding="utf-8") as f:
-        listed = json.load(f).get("files", {})
+    try:
+        with open(path, encoding="utf-8") as f:
+            listed = json.load(f).get("files", {})
+    except (ValueError, AttributeError):
+        raise MedclfError(f"{url}/manifest.json: not a valid manifest") from None
     for name, expected in listed.items():
         local = os.path.join(folder, *name.split("/"))
         try:
+            size = os.path.getsize(local)
             with open(local, "rb") as f:
                 digest = hashlib.sha256(f.read()).hexdigest()
         except FileNotFoundError:
             raise MedclfError(f"{url}/{name}: listed in the manifest but missing") from None
+        if size != expected.get("size", size):
+            raise MedclfError(f"{url}/{name}: {size} bytes, the manifest says {expected['size']} (truncated?)")
         if digest != expected.get("sha256"):
-            raise MedclfError(f"{url}/{name}: differs from the folder's manifest (replaced while being read?)")
+            raise MedclfError(f"{url}/{name}: differs from the folder's manifest (SHA-256; altered or being replaced)")
 
 
 def _fingerprint(url: str) -> str:

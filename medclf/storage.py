@@ -330,13 +330,29 @@ def check_output(url: str, overwrite: bool) -> None:
 
     It also finds a missing bucket or wrong credentials before any work is done, not at the first save.
     """
-    if not is_local(url):
-        _check_bucket(url)
+    check_writable(url)
     if overwrite or not exists(url):
         return
     if is_local(url) and os.path.isdir(local_path(url)) and not os.listdir(local_path(url)):
         return  # an empty folder made ahead of time is not an output
     raise MedclfError(f"{url}: output exists; set overwrite=true to replace it")
+
+
+def check_writable(url: str) -> None:
+    """Fail before any work when `url` cannot be written: a missing bucket, or a local path whose
+    nearest existing folder is a file or not writable (instead of failing at the first save)."""
+    if not is_local(url):
+        _check_bucket(url)
+        return
+    path = os.path.abspath(local_path(url))
+    if os.path.isfile(path):
+        path = os.path.dirname(path)  # an existing file is replaced within its folder
+    while not os.path.exists(path):
+        path = os.path.dirname(path)  # the folders to be made: the nearest existing one decides
+    if not os.path.isdir(path):
+        raise MedclfError(f"{url}: cannot write: {path} is a file, not a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise MedclfError(f"{url}: cannot write: permission denied on {path}")
 
 
 def _check_bucket(url: str) -> None:

@@ -1,0 +1,224 @@
+"""Bad input in every job: one line naming the file, row or key, exit status 2, and nothing written.
+
+Each case copies a small run folder (prepared splits, a tiny classifier, a raw CSV, notes to
+classify), breaks one thing, runs `medclf JOB ...` through medclf.cli.main in this process and
+compares the folder's files (names and contents) before and after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import pandas as pd
+import pytest
+
+from medclf import checkpoint, classifier, cli, runtime
+from medclf.errors import EXIT_BAD_INPUT
+from tests.small_run import make_small_run
+
+TINY_MLM = ["mlm.max_length=32", "mlm.batch_size=4", "mlm.micro_batch_size=2", "mlm.max_steps=1", "mlm.eval_blocks=2"]
+TINY_HEAD = ["head.max_length=32", "head.epochs=1", "head.batch_size=8"]
+
+
+# ---------------------------------------------------------------- helpers (the integrity tests use them too)
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """(exit status, the error line) of `medclf ARGV` run in this process."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ended:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-2000:]
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1, f"expected one error line, got: {err[-2000:]!r}"
+    return ended.value.code, errors[0]
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (hidden temporaries included) with the SHA-256 of its content."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def make_classifier(folder: Path, encoder: Path, classes: list[str], max_length: int = 32) -> Path:
+    """A frozen tiny classifier (untrained head) saved as the head job saves one."""
+    _, _, where = classifier.load_encoder(str(encoder))
+    runtime.seed_everything(0)
+    head = classifier.Head(32, len(classes))
+    info = classifier.ClassifierInfo(classes=classes, encoder=str(encoder), encoder_fingerprint=classifier.fingerprint(where),
+                                     pooling="cls", max_length=max_length, hidden_size=32, dropout=0.2, frozen=True)
+    classifier.save(str(folder), head, info)
+    return folder
+
+
+# ---------------------------------------------------------------- the run folder every case starts from
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, prepared, mtsamples, tiny_bert) -> Path:
+    run = make_small_run(tmp_path_factory.mktemp("bad-input") / "run", prepared, train_notes=12, validation_notes=6)
+    pd.read_csv(mtsamples, dtype=str, keep_default_na=False).iloc[:300].to_csv(run / "raw.csv", index=False)
+    notes = pd.read_csv(run / "prepare" / "validation.csv", dtype=str, keep_default_na=False)
+    notes[["text_id", "transcription"]].iloc[:12].to_csv(run / "notes.csv", index=False)
+    classes = json.loads((run / "prepare" / "labels.json").read_text())["classes"]
+    make_classifier(run / "classifier", tiny_bert, classes)
+    (run / "gpt2").mkdir()
+    (run / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": 1024}))
+    (run / "blocked").write_text("a file where a folder would have to be\n")
+    return run
+
+
+def edit_csv(name: str, change: Callable[[pd.DataFrame], pd.DataFrame]) -> Callable[[Path], None]:
+    def apply(run: Path) -> None:
+        path = run / name
+        change(pd.read_csv(path, dtype=str, keep_default_na=False)).to_csv(path, index=False)
+    return apply
+
+
+def set_cell(column: str, row: int, value: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    def change(df: pd.DataFrame) -> pd.DataFrame:
+        df.loc[row, column] = value
+        return df
+    return change
+
+
+def drop_text(df: pd.DataFrame) -> pd.DataFrame:
+    return df.drop(columns=["transcription"])
+
+
+def not_utf8(name: str) -> Callable[[Path], None]:
+    def apply(run: Path) -> None:
+        data = (run / name).read_bytes()
+        (run / name).write_bytes(data[:200] + b"\xff\xfe" + data[200:])
+    return apply
+
+
+def write(name: str, text: str) -> Callable[[Path], None]:
+    def apply(run: Path) -> None:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(text)
+    return apply
+
+
+def publish(source: str, target: str) -> Callable[[Path], None]:
+    def apply(run: Path) -> None:
+        checkpoint.publish_dir(str(run / source), str(run / target))
+    return apply
+
+
+def other_classifier(classes: Optional[list[str]] = None, max_length: int = 32) -> Callable[[Path], None]:
+    def apply(run: Path) -> None:
+        info = json.loads((run / "classifier" / "classifier.json").read_text())
+        shutil.rmtree(run / "classifier")
+        make_classifier(run / "classifier", Path(info["encoder"]), classes or info["classes"], max_length)
+    return apply
+
+
+# (job, what is wrong, arguments, change to the run folder, what the error line must say)
+PREPARE = ["prepare", "out={run}/new", "prepare.input={run}/raw.csv"]
+MLM = ["mlm", "out={run}", "mlm.model={tiny}", *TINY_MLM]
+HEAD = ["head", "out={run}", "mlm.model={tiny}", *TINY_HEAD]
+EVALUATE = ["evaluate", "out={run}", "evaluate.model={run}/classifier"]
+COMPARE = ["compare", "out={run}", "mlm.model={tiny}", "compare.encoders=[pretrained, {tiny}]", "compare.seeds=1",
+           "compare.bootstrap=10", *TINY_HEAD]
+PREDICT = ["predict", "predict.model={run}/classifier", "predict.input={run}/notes.csv", "predict.output={run}/pred.csv",
+           "predict.chunk_rows=5"]
+
+CASES = [
+    # prepare
+    ("prepare", "missing CSV", [*PREPARE, "prepare.input={run}/absent.csv"], None, r"absent\.csv: no such file"),
+    ("prepare", "wrong-schema CSV", PREPARE, edit_csv("raw.csv", drop_text), r"raw\.csv: missing column\(s\) transcription"),
+    ("prepare", "not UTF-8 text", PREPARE, not_utf8("raw.csv"), r"raw\.csv: not UTF-8"),
+    ("prepare", "existing output", [*PREPARE, "out={run}"], None, r"run/prepare: output exists"),
+    ("prepare", "unwritable output", [*PREPARE, "out={run}/blocked/run"], None, r"blocked.*(not a folder|cannot write)"),
+    # mlm
+    ("mlm", "missing CSV", [*MLM, "mlm.train={run}/absent.csv"], None, r"absent\.csv: no such file"),
+    ("mlm", "wrong-schema CSV", MLM, edit_csv("prepare/train.csv", drop_text), r"train\.csv: missing column\(s\) transcription"),
+    ("mlm", "empty transcription", MLM, edit_csv("prepare/train.csv", set_cell("transcription", 3, " ")),
+     r"train\.csv: row 4: empty transcription"),
+    ("mlm", "not UTF-8 text", MLM, not_utf8("prepare/train.csv"), r"train\.csv: not UTF-8"),
+    ("mlm", "not a BERT-family model", [*MLM, "mlm.model={run}/gpt2"], None, r"gpt2: model_type 'gpt2' is not a BERT"),
+    ("mlm", "not a model folder", [*MLM, "mlm.model={run}/prepare"], None, r"prepare: not a model folder"),
+    ("mlm", "max_length above positions", [*MLM, "mlm.max_length=256"], None, r"mlm\.max_length: 256 is above"),
+    ("mlm", "existing output", MLM, publish("classifier", "mlm/model"), r"mlm/model: output exists"),
+    ("mlm", "unwritable output", [*MLM, "out={run}/blocked/run", "mlm.train={run}/prepare/train.csv",
+                                  "mlm.validation={run}/prepare/validation.csv"], None, r"blocked.*(not a folder|cannot write)"),
+    # head
+    ("head", "missing CSV", [*HEAD, "head.train={run}/absent.csv"], None, r"absent\.csv: no such file"),
+    ("head", "missing labels.json", HEAD, lambda run: (run / "prepare/labels.json").unlink(), r"labels\.json: no such file"),
+    ("head", "wrong-schema CSV", HEAD, edit_csv("prepare/validation.csv", drop_text),
+     r"validation\.csv: missing column\(s\) transcription"),
+    ("head", "empty transcription", HEAD, edit_csv("prepare/train.csv", set_cell("transcription", 5, "")),
+     r"train\.csv: row 6: empty transcription"),
+    ("head", "label not in labels.json", HEAD, edit_csv("prepare/train.csv", set_cell("medical_specialty", 2, "Dermatology")),
+     r"train\.csv: row 3: label 'Dermatology' is not one of the classes"),
+    ("head", "not a BERT-family model", [*HEAD, "mlm.model={run}/gpt2"], None, r"model_type 'gpt2' is not a BERT"),
+    ("head", "max_length above positions", [*HEAD, "head.max_length=256"], None, r"head\.max_length=256 is above"),
+    ("head", "adapted model missing", [*HEAD, "head.encoder=adapted"], None, r"mlm/model has no model yet"),
+    ("head", "existing output", HEAD, write("head-pretrained/report.md", "x"), r"head-pretrained: output exists"),
+    ("head", "unwritable output", [*HEAD, "head.name=x/y"], write("head-x", "a file"), r"head-x.*(not a folder|cannot write)"),
+    # evaluate
+    ("evaluate", "missing CSV", [*EVALUATE, "evaluate.data={run}/absent.csv"], None, r"absent\.csv: no such file"),
+    ("evaluate", "wrong-schema CSV", EVALUATE, edit_csv("prepare/validation.csv", drop_text),
+     r"validation\.csv: missing column\(s\) transcription"),
+    ("evaluate", "empty transcription", EVALUATE, edit_csv("prepare/validation.csv", set_cell("transcription", 1, "  ")),
+     r"validation\.csv: row 2: empty transcription"),
+    ("evaluate", "label not in the classes", EVALUATE,
+     edit_csv("prepare/validation.csv", set_cell("medical_specialty", 0, "Dermatology")),
+     r"validation\.csv: row 1: label 'Dermatology' is not one of the classes"),
+    ("evaluate", "classes do not match labels.json", EVALUATE, other_classifier(["Surgery", "Radiology"]),
+     r"classifier classes .* do not match .*labels\.json"),
+    ("evaluate", "not a classifier folder", [*EVALUATE, "evaluate.model={tiny}"], None, r"not a medclf classifier folder"),
+    ("evaluate", "max_length above positions", EVALUATE, other_classifier(max_length=256), r"max_length=256 is above"),
+    ("evaluate", "existing output", EVALUATE, write("evaluate/classifier/metrics.json", "{}"),
+     r"evaluate/classifier: output exists"),
+    ("evaluate", "unwritable output", [*EVALUATE, "out={run}/blocked/run", "evaluate.data={run}/prepare/validation.csv"],
+     None, r"blocked.*(not a folder|cannot write)"),
+    # compare
+    ("compare", "missing CSV", [*COMPARE, "head.validation={run}/absent.csv"], None, r"absent\.csv: no such file"),
+    ("compare", "wrong-schema CSV", COMPARE, edit_csv("prepare/train.csv", drop_text),
+     r"train\.csv: missing column\(s\) transcription"),
+    ("compare", "empty transcription", COMPARE, edit_csv("prepare/validation.csv", set_cell("transcription", 2, "")),
+     r"validation\.csv: row 3: empty transcription"),
+    ("compare", "label not in labels.json", COMPARE,
+     edit_csv("prepare/validation.csv", set_cell("medical_specialty", 1, "Dermatology")),
+     r"validation\.csv: row 2: label 'Dermatology' is not one of the classes"),
+    ("compare", "not a BERT-family model", [*COMPARE, "compare.encoders=[pretrained, {run}/gpt2]"], None,
+     r"model_type 'gpt2' is not a BERT"),
+    ("compare", "max_length above positions", [*COMPARE, "head.max_length=256"], None, r"head\.max_length=256 is above"),
+    ("compare", "adapted model missing", [*COMPARE, "compare.encoders=[pretrained, adapted]"], None,
+     r"mlm/model has no model yet"),
+    ("compare", "existing output", COMPARE, write("comparison.md", "x"), r"comparison\.md: output exists"),
+    # predict
+    ("predict", "missing CSV", [*PREDICT, "predict.input={run}/absent.csv"], None, r"absent\.csv: no such file"),
+    ("predict", "wrong-schema CSV", PREDICT, edit_csv("notes.csv", drop_text), r"notes\.csv: missing column transcription"),
+    ("predict", "empty transcription (second chunk)", PREDICT, edit_csv("notes.csv", set_cell("transcription", 7, "")),
+     r"notes\.csv: row 8: empty transcription"),
+    ("predict", "not UTF-8 text", PREDICT, not_utf8("notes.csv"), r"notes\.csv: not a readable UTF-8 CSV"),
+    ("predict", "not a classifier folder", [*PREDICT, "predict.model={tiny}"], None, r"not a medclf classifier folder"),
+    ("predict", "max_length above positions", PREDICT, other_classifier(max_length=256), r"max_length=256 is above"),
+    ("predict", "existing output", PREDICT, write("pred.csv", "row\n"), r"pred\.csv: output exists"),
+    ("predict", "unwritable output", [*PREDICT, "predict.output={run}/blocked/pred.csv"], None,
+     r"blocked.*(not a folder|cannot write)"),
+]
+
+
+@pytest.mark.parametrize("job, problem, argv, change, expected", CASES, ids=[f"{c[0]}: {c[1]}" for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(job, problem, argv, change, expected, base, tiny_bert,
+                                                          tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    if change is not None:
+        change(run)
+    before = tree(run)
+    code, line = run_cli([a.format(run=run, tiny=tiny_bert) for a in argv], capsys)
+    assert code == EXIT_BAD_INPUT, line
+    assert line.startswith(f"medclf {job}: error: ")
+    assert re.search(expected, line), line
+    assert tree(run) == before, f"{job} wrote or changed files while failing: {line}"
