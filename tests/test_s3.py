@@ -12,6 +12,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -197,6 +198,17 @@ def test_frozen_server_small_write_fails_in_bounded_time(s3):
         assert time.monotonic() - started < 6
     storage.write_json(f"{s3.url}/note.json", {"x": 2})
     assert storage.read_json(f"{s3.url}/note.json") == {"x": 2}
+
+
+def test_a_brief_stall_is_retried_and_the_write_succeeds(s3):
+    configure(s3, timeout_s=1, retries=4)
+    storage.write_json(f"{s3.url}/warm.json", {})  # connect first: the stall hits a request, not the connect
+    s3.server.freeze()
+    threading.Timer(1.5, s3.server.thaw).start()
+    started = time.monotonic()
+    storage.write_json(f"{s3.url}/state.json", {"step": 6})
+    assert 1.0 < time.monotonic() - started < 8  # the first attempt timed out, a later one went through
+    assert storage.read_json(f"{s3.url}/state.json") == {"step": 6}
 
 
 # ---------------------------------------------------------------- model folders on S3
