@@ -11,6 +11,7 @@ never printed or logged.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -68,6 +69,7 @@ def configure(storage_spec: Any) -> None:
     _s3_options = options
 
 
+@functools.cache
 def _bounded_session() -> type:
     """aiobotocore's HTTP session with a total time limit on every request.
 
@@ -75,30 +77,23 @@ def _bounded_session() -> type:
     answering can wait far longer (for `100 Continue` before each part's body), so each request,
     a whole part upload included, gets at most `timeout_s` in all.
     """
-    global _BoundedSession
-    if _BoundedSession is None:
-        import aiohttp
-        from aiobotocore.httpsession import AIOHTTPSession
+    import aiohttp
+    from aiobotocore.httpsession import AIOHTTPSession
 
-        def bounded(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:
-            return aiohttp.ClientTimeout(
-                total=timeout.sock_read, sock_connect=timeout.sock_connect, sock_read=timeout.sock_read
-            )
+    def bounded(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=timeout.sock_read, sock_connect=timeout.sock_connect,
+                                     sock_read=timeout.sock_read)
 
-        class BoundedSession(AIOHTTPSession):
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, **kwargs)
-                self._timeout = bounded(self._timeout)
+    class BoundedSession(AIOHTTPSession):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._timeout = bounded(self._timeout)
 
-            def _get_request_timeout(self, request: Any) -> Any:
-                timeout = super()._get_request_timeout(request)
-                return None if timeout is None else bounded(timeout)
+        def _get_request_timeout(self, request: Any) -> Any:
+            timeout = super()._get_request_timeout(request)
+            return None if timeout is None else bounded(timeout)
 
-        _BoundedSession = BoundedSession
-    return _BoundedSession
-
-
-_BoundedSession: Any = None
+    return BoundedSession
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
