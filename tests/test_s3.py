@@ -297,6 +297,14 @@ def test_mlm_on_s3_fails_when_frozen_mid_checkpoint_and_resumes_exactly(s3, tiny
     assert storage.read_text(f"{root}/latest").strip() == "step-0000008"
 
 
+def test_mlm_with_a_missing_bucket_fails_before_any_work(s3, tiny_bert):
+    from medclf import mlm
+
+    with pytest.raises(MedclfError, match=r"no such bucket 'no-such-"):
+        mlm.run(config.load("mlm", None, [f"out=s3://no-such-{s3.bucket}/run", f"model={tiny_bert}"]))
+    assert s3.keys() == []
+
+
 # ---------------------------------------------------------------- the whole pipeline on S3
 
 PIPELINE = """
