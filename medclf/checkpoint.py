@@ -86,7 +86,8 @@ def save(root: str, step: int, accelerator: Any, *, model: torch.nn.Module, opti
         for rank in range(1, accelerator.num_processes):
             written[rng_name(rank)] = storage.read_bytes(storage.join(url, rng_name(rank)))
         _test_pause(url)
-        files = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in written.items()}
+        files = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                 for name, data in written.items()}
         storage.write_json(storage.join(url, MANIFEST), {"step": step, "files": dict(sorted(files.items()))})
         storage.write_text(storage.join(root, LATEST), f"step-{step:07d}\n")
         _prune(root, keep_last, step)
@@ -203,7 +204,8 @@ def read_verified(url: str, name: str, manifest: dict) -> bytes:
         raise MedclfError(f"{storage.join(url, name)}: not listed in the manifest")
     data = storage.read_bytes(storage.join(url, name))
     if len(data) != expected["size"]:
-        raise MedclfError(f"{storage.join(url, name)}: {len(data)} bytes, manifest says {expected['size']} (truncated?)")
+        raise MedclfError(
+            f"{storage.join(url, name)}: {len(data)} bytes, manifest says {expected['size']} (truncated?)")
     if hashlib.sha256(data).hexdigest() != expected["sha256"]:
         raise MedclfError(f"{storage.join(url, name)}: SHA-256 differs from the manifest (file altered)")
     return data

@@ -104,7 +104,8 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
         model_config = AutoConfig.from_pretrained(model_path)
     except OSError as e:
         raise MedclfError(f"mlm.model: cannot load {cfg.model!r} ({' '.join(str(e).split())[:200]})") from None
-    limit = model_config.max_position_embeddings - (2 if model_config.model_type in ("roberta", "xlm-roberta", "camembert") else 0)
+    offset = 2 if model_config.model_type in ("roberta", "xlm-roberta", "camembert") else 0  # RoBERTa skips 2 positions
+    limit = model_config.max_position_embeddings - offset
     if cfg.max_length > limit:
         raise MedclfError(f"mlm.max_length: {cfg.max_length} is above what {cfg.model} accepts ({limit} positions)")
     if storage.exists(storage.join(model_url, checkpoint.MANIFEST)) and not spec.overwrite:
@@ -113,7 +114,8 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
     # -- accelerator: the global batch fixes the accumulation, whatever the process count
     trackers_dir = None
     if cfg.report_to != "none":  # trackers write local files: next to the outputs, or a temp folder
-        trackers_dir = storage.local_path(storage.join(out, "trackers")) if storage.is_local(out) else tempfile.mkdtemp()
+        local_out = storage.is_local(out)
+        trackers_dir = storage.local_path(storage.join(out, "trackers")) if local_out else tempfile.mkdtemp()
     accelerator = runtime.make_accelerator(report_to=cfg.report_to, project_dir=trackers_dir)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     accumulation = runtime.accumulation_steps(cfg.batch_size, cfg.micro_batch_size, world, key="mlm.batch_size")
@@ -124,7 +126,8 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
     resume_url = None
     if cfg.resume == "never":
         if checkpoint.list_steps(checkpoints) and not spec.overwrite:
-            raise MedclfError(f"{checkpoints}: checkpoints exist; resume=auto continues them, overwrite=true starts over")
+            raise MedclfError(
+                f"{checkpoints}: checkpoints exist; resume=auto continues them, overwrite=true starts over")
     elif cfg.resume == "auto":
         found = checkpoint.find_latest(checkpoints) if main else None
         chosen = broadcast(torch.tensor([int(found.rsplit("-", 1)[1]) if found else -1], device=accelerator.device))
@@ -146,15 +149,18 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
     blocks, starts = pack(train_ids, cfg.max_length), pack(train_starts, cfg.max_length)
     steps_per_epoch = len(blocks) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise MedclfError(f"mlm.batch_size: {cfg.batch_size} blocks per step, but the training text fills only {len(blocks)}")
+        raise MedclfError(
+            f"mlm.batch_size: {cfg.batch_size} blocks per step, but the training text fills only {len(blocks)}")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    masker = Masker(tokenizer.mask_token_id, len(tokenizer), tokenizer.all_special_ids, cfg.mlm_probability, cfg.whole_word_masking)
+    masker = Masker(tokenizer.mask_token_id, len(tokenizer), tokenizer.all_special_ids,
+                    cfg.mlm_probability, cfg.whole_word_masking)
     val_blocks, val_block_starts = pack(val_ids, cfg.max_length), pack(val_starts, cfg.max_length)
     val_blocks, val_block_starts = val_blocks[: cfg.eval_blocks], val_block_starts[: cfg.eval_blocks]
     if len(val_blocks) == 0:
         raise MedclfError(f"{validation_url}: too little text for one block of mlm.max_length={cfg.max_length} tokens")
     val_inputs, val_labels = masker.batch(val_blocks, val_block_starts, range(len(val_blocks)), cfg.eval_seed, epoch=-1)
-    log.info("train: %d blocks of %d tokens, %d steps/epoch, %d steps; validation: %d blocks; %d process(es) × %d micro-batches",
+    log.info("train: %d blocks of %d tokens, %d steps/epoch, %d steps; validation: %d blocks; "
+             "%d process(es) × %d micro-batches",
              len(blocks), cfg.max_length, steps_per_epoch, total_steps, len(val_blocks), world, accumulation)
 
     # -- model: a checkpoint without masked-LM head weights (MiniLM) gets a fresh head
@@ -193,7 +199,8 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
 
     if state["val_before"] is None:
         state["val_before"] = evaluate()
-        log.info("validation before: loss %.4f, perplexity %.2f", state["val_before"]["loss"], state["val_before"]["perplexity"])
+        log.info("validation before: loss %.4f, perplexity %.2f",
+                 state["val_before"]["loss"], state["val_before"]["perplexity"])
 
     def save(at_step: int) -> str:
         return checkpoint.save(checkpoints, at_step, accelerator, model=raw.model, optimizer=optimizer,

@@ -69,7 +69,7 @@ def test_save_and_load_restore_weights_optimizer_schedule_and_rng(accelerator, t
     fresh_model, fresh_optimizer, fresh_scheduler = trained(seed=1)
     state = checkpoint.load(url, accelerator, model=fresh_model, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
     assert state["step"] == 3 and state["position"] == 3 and state["world_size"] == 1
-    for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert fresh_model[1].weight is fresh_model[0].weight
     assert repr(fresh_optimizer.state_dict()) == repr(optimizer.state_dict())
@@ -139,4 +139,5 @@ def test_publish_dir_writes_the_manifest_after_the_files(tmp_path):
     (local / "sub" / "weights.bin").write_bytes(b"12345")
     checkpoint.publish_dir(str(local), str(tmp_path / "model"))
     manifest = json.loads((tmp_path / "model" / "manifest.json").read_text())
-    assert manifest["files"]["sub/weights.bin"]["size"] == 5 and set(manifest["files"]) == {"config.json", "sub/weights.bin"}
+    assert set(manifest["files"]) == {"config.json", "sub/weights.bin"}
+    assert manifest["files"]["sub/weights.bin"]["size"] == 5

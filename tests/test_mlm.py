@@ -112,7 +112,8 @@ def test_tokens_are_cached_and_packed_without_padding(tiny_bert, tmp_path):
     assert ids[0] == tokenizer.cls_token_id and (ids == tokenizer.sep_token_id).sum() == 2
     blocks = pack(ids, 8)
     assert blocks.shape == (len(ids) // 8, 8) and torch.equal(blocks.flatten(), ids[: blocks.numel()])
-    assert sorted(epoch_order(10, 0, 0)) == list(range(10)) and list(epoch_order(10, 0, 0)) != list(epoch_order(10, 0, 1))
+    assert sorted(epoch_order(10, 0, 0)) == list(range(10))
+    assert list(epoch_order(10, 0, 0)) != list(epoch_order(10, 0, 1))
 
 
 # ---------------------------------------------------------------- the job
