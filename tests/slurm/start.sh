@@ -44,8 +44,9 @@ fail() {
   exit 1
 }
 
-# A private munged (own socket and key copy), so a system munged or another cluster is not touched.
-install -m 400 /etc/munge/munge.key "$dir/munge/munge.key"
+# A private munged with its own socket and a fresh key: a system munged, its key or another test
+# cluster is never touched.
+(umask 077 && head -c 1024 /dev/urandom > "$dir/munge/munge.key")
 munged --force --socket="$dir/munge/munge.socket" --key-file="$dir/munge/munge.key" \
        --pid-file="$dir/munge/munged.pid" --log-file="$dir/log/munged.log" \
        --seed-file="$dir/munge/munged.seed" || fail "munged did not start"
