@@ -145,11 +145,14 @@ def runs_dir(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def pipeline(cluster, spec, runs_dir) -> dict:
-    """slurm/submit_pipeline.sh, submitted first so that it runs while the other tests submit theirs.
+def submitted(cluster, spec, prepared_run, runs_dir) -> dict:
+    """Jobs submitted up front, so that both nodes stay busy while the tests watch theirs.
 
-    Its mlm job (one node × 2 processes) is also the two-process run the other tests compare with.
+    2 nodes × 1 process, then slurm/submit_pipeline.sh, whose mlm job (one node × 2 processes) is
+    also the two-process run the other tests compare with.
     """
+    two_nodes = new_run(prepared_run, runs_dir / "2x1")
+    two_nodes_job = submit_mlm(cluster, "multi_node.sbatch", two_nodes, spec, nodes=2, procs=1)
     out = runs_dir / "pipeline"
     done = subprocess.run(["bash", str(SLURM / "submit_pipeline.sh"), str(spec)], cwd=REPO, capture_output=True,
                           text=True, timeout=120,
@@ -158,42 +161,17 @@ def pipeline(cluster, spec, runs_dir) -> dict:
     assert done.returncode == 0, done.stderr
     jobs = dict(line.split() for line in done.stdout.splitlines())
     assert list(jobs) == ["prepare", "mlm", "head-pretrained", "head-adapted", "compare"]
-    return {"out": out, "jobs": jobs}
+    return {"2x1": (two_nodes, two_nodes_job), "pipeline": (out, jobs)}
 
 
-def two_process_run(cluster: Cluster, pipeline: dict) -> pathlib.Path:
-    job_id = pipeline["jobs"]["mlm"]
-    cluster.assert_completed(job_id, cluster.wait(job_id, timeout=300))
-    return pipeline["out"]
-
-
-def test_ranks_on_one_node_and_across_two_nodes_match_one_process(cluster, spec, prepared_run, pipeline, runs_dir):
-    two_nodes = new_run(prepared_run, runs_dir / "2x1")
-    job_id = submit_mlm(cluster, "multi_node.sbatch", two_nodes, spec, nodes=2, procs=1)
-    # The reference: one process, in this process, while Slurm runs the others.
-    from medclf import config, mlm
-
-    one = new_run(prepared_run, runs_dir / "1x1")
-    mlm.run(config.load("mlm", spec.read_text(), [f"out={one}"]))
-    reference = metrics(one)
-    assert reference["world_size"] == 1 and reference["steps"] == STEPS
-    # The comparison means something only if training moved the loss well beyond the tolerance.
-    moved = reference["val_before"]["loss"] - reference["val_after"]["loss"]
-    assert moved > 0.05, f"{STEPS} steps barely changed the validation loss ({moved:.2g}); the test would prove nothing"
-
-    fields = cluster.wait(job_id, timeout=300)
-    cluster.assert_completed(job_id, fields)
-    assert fields["NodeList"] == "n[1-2]", fields["NodeList"]
-    runs = {"1 node × 2 processes": two_process_run(cluster, pipeline), "2 nodes × 1 process": two_nodes}
-    for name, out in runs.items():
-        run = metrics(out)
-        assert run["world_size"] == 2, f"{name}: ran with world size {run['world_size']}"
-        assert run["steps"] == STEPS
-        assert run["val_after"]["loss"] == pytest.approx(reference["val_after"]["loss"], rel=1e-5), name
+def two_process_run(cluster: Cluster, submitted: dict) -> pathlib.Path:
+    out, jobs = submitted["pipeline"]
+    cluster.assert_completed(jobs["mlm"], cluster.wait(jobs["mlm"], timeout=300))
+    return out
 
 
 def test_preempted_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weights(
-        cluster, spec, prepared_run, pipeline, runs_dir):
+        cluster, submitted, spec, prepared_run, runs_dir):
     out = new_run(prepared_run, runs_dir / "preempted")
     # One second per step, so the signal lands mid-training: after the step-4 checkpoint, before step 8.
     job_id = submit_mlm(cluster, "single_node.sbatch", out, spec, nodes=1, procs=2, MEDCLF_TEST_STEP_SLEEP="1")
@@ -201,7 +179,7 @@ def test_preempted_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weig
     deadline = time.monotonic() + 300
     while not (latest.exists() and latest.read_text().strip() == "step-0000004"):
         assert time.monotonic() < deadline, f"no step-4 checkpoint after 300 s:\n{cluster.log(job_id)[-3000:]}"
-        assert cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), cluster.log(job_id)[-3000:]
+        assert cluster.job(job_id)["JobState"] not in FINISHED, cluster.log(job_id)[-3000:]
         time.sleep(0.2)
     # What Slurm does before a time limit with --signal=USR1@N: USR1 to the job's steps.
     subprocess.run(["scancel", "--signal=USR1", job_id], env=cluster.env, check=True, timeout=30)
@@ -222,7 +200,7 @@ def test_preempted_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weig
     # The stop came between checkpoints (every 4 steps): the job saved where it stopped.
     saved = sorted(int(p.name.split("-")[1]) for p in (out / "mlm" / "checkpoints").glob("step-*"))
     assert any(4 < step < STEPS for step in saved), f"no checkpoint between steps 4 and {STEPS}: {saved}"
-    uninterrupted = two_process_run(cluster, pipeline)
+    uninterrupted = two_process_run(cluster, submitted)
     run, reference = metrics(out), metrics(uninterrupted)
     assert run["world_size"] == 2 and run["val_after"] == reference["val_after"]
     weights = load_file(out / "mlm" / "model" / "model.safetensors")
@@ -232,8 +210,32 @@ def test_preempted_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weig
     assert not different, f"resumed weights differ from the uninterrupted run's: {different[:5]}"
 
 
-def test_pipeline_chain_runs_in_dependency_order_and_writes_the_comparison(cluster, pipeline):
-    out, jobs = pipeline["out"], pipeline["jobs"]
+def test_ranks_on_one_node_and_across_two_nodes_match_one_process(cluster, submitted, spec, prepared_run, runs_dir):
+    two_nodes, job_id = submitted["2x1"]
+    # The reference: one process, in this process, while Slurm runs the others.
+    from medclf import config, mlm
+
+    one = new_run(prepared_run, runs_dir / "1x1")
+    mlm.run(config.load("mlm", spec.read_text(), [f"out={one}"]))
+    reference = metrics(one)
+    assert reference["world_size"] == 1 and reference["steps"] == STEPS
+    # The comparison means something only if training moved the loss well beyond the tolerance.
+    moved = reference["val_before"]["loss"] - reference["val_after"]["loss"]
+    assert moved > 0.05, f"{STEPS} steps barely changed the validation loss ({moved:.2g}); the test would prove nothing"
+
+    fields = cluster.wait(job_id, timeout=300)
+    cluster.assert_completed(job_id, fields)
+    assert fields["NodeList"] == "n[1-2]", fields["NodeList"]
+    runs = {"1 node × 2 processes": two_process_run(cluster, submitted), "2 nodes × 1 process": two_nodes}
+    for name, out in runs.items():
+        run = metrics(out)
+        assert run["world_size"] == 2, f"{name}: ran with world size {run['world_size']}"
+        assert run["steps"] == STEPS
+        assert run["val_after"]["loss"] == pytest.approx(reference["val_after"]["loss"], rel=1e-5), name
+
+
+def test_pipeline_chain_runs_in_dependency_order_and_writes_the_comparison(cluster, submitted):
+    out, jobs = submitted["pipeline"]
     fields = {}
     for name, job_id in jobs.items():
         fields[name] = cluster.wait(job_id, timeout=300)
