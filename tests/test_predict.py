@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -11,6 +14,7 @@ import torch
 
 from medclf import classifier, config, head, predict
 from medclf.errors import MedclfError
+from tests.conftest import REPO
 from tests.small_run import head_spec, make_small_run
 
 
@@ -73,3 +77,27 @@ def test_predict_bad_input(model_dir, notes, tmp_path):
     blank.to_csv(source, index=False)
     with pytest.raises(MedclfError, match=r"notes.csv: row 7: empty transcription"):
         run("overwrite=true", "chunk_rows=4")
+
+
+def test_two_ranks_write_the_same_rows_as_one_process(model_dir, notes, tmp_path):
+    """A real 2-rank gloo run (PLATFORM.md: --multi_gpu plus ACCELERATE_USE_CPU=1): the shards gather back in order."""
+    from tests.test_mlm_distributed import free_port
+
+    source = tmp_path / "notes.csv"
+    notes.to_csv(source, index=False)
+    args = [f"--model={model_dir}", f"--input={source}", "--chunk_rows=5", "--batch_size=2"]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), "-m", "medclf", "predict", *args, f"--output={tmp_path / 'two.csv'}",
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "accelerator: 2 process(es)" in result.stderr
+    predict.run(config.load("predict", None, [a.lstrip("-") for a in args] + [f"output={tmp_path / 'one.csv'}"]))
+    one, two = pd.read_csv(tmp_path / "one.csv"), pd.read_csv(tmp_path / "two.csv")
+    assert one.columns.tolist() == two.columns.tolist() and one["row"].tolist() == two["row"].tolist()
+    assert (one["predicted_specialty"] == two["predicted_specialty"]).all()
+    probs = [c for c in one.columns if c.startswith("prob_")]
+    assert np.allclose(one[probs].to_numpy(), two[probs].to_numpy(), atol=1e-5)
