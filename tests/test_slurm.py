@@ -29,6 +29,9 @@ SLURM = REPO / "slurm"
 CLUSTER = REPO / "tests" / "slurm"
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 STEPS = 8
+# What the templates and the submit script read from the environment: only the tests set these.
+TEMPLATE_ENV = {"JOB", "SPEC", "OUT", "GPUS_PER_NODE", "MEDCLF_CPU", "ACCELERATE_CONFIG", "MLM_NODES",
+                "SBATCH_EXTRA", "MEDCLF_TEST_STEP_SLEEP"}
 
 
 @dataclasses.dataclass
@@ -80,10 +83,12 @@ def cluster(tmp_path_factory):
         subprocess.run(["bash", str(CLUSTER / "stop.sh"), str(folder)], timeout=120)
         pytest.fail(f"the Slurm test cluster did not start (tests/slurm/start.sh):\n{started.stdout}{started.stderr}")
     (folder / "logs").mkdir()
-    # The jobs inherit this environment (sbatch --export=ALL): this Python first on PATH, CPU ranks.
-    env = dict(os.environ, SLURM_CONF=str(folder / "slurm.conf"), MEDCLF_CPU="1",
-               PATH=f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    env.pop("MEDCLF_TEST_STEP_SLEEP", None)
+    # The jobs inherit this environment (sbatch --export=ALL): this Python first on PATH, CPU ranks,
+    # and nothing of an outer Slurm job or a user's sbatch defaults (pytest may itself run under Slurm).
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_")) and k not in TEMPLATE_ENV}
+    env |= {"SLURM_CONF": str(folder / "slurm.conf"), "MEDCLF_CPU": "1",
+            "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     yield Cluster(folder, env)
     subprocess.run(["bash", str(CLUSTER / "stop.sh"), str(folder)], timeout=120)
 
