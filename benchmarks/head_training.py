@@ -4,7 +4,8 @@
 
 Original: the frozen encoder re-run over every note, padded to 512, in every epoch.
 Ours: each distinct note encoded once (eval mode, length-sorted batches, dynamic padding), then
-the head trained on the cached vectors. Prints one JSON line with both wall times and CPU times (the machine may be shared) and their ratios.
+the head trained on the cached vectors. Prints one JSON line with both wall times and CPU
+times (the machine may be shared) and their ratios.
 """
 
 from __future__ import annotations

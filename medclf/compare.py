@@ -55,7 +55,7 @@ def run(spec: RunSpec) -> None:
     seeds = [spec.seed + i for i in range(cfg.seeds)]
     runs: dict[str, list[dict]] = {}
     probs: dict[str, np.ndarray] = {}
-    for keyword, ref in zip(cfg.encoders, refs):
+    for keyword, ref in zip(cfg.encoders, refs, strict=True):
         encoder, tokenizer, where = load_encoder(ref)
         check_max_length(head_cfg.max_length, where, ref, "head.max_length")
         model = Classifier(encoder, Head(encoder.config.hidden_size, len(classes)), head_cfg.pooling, frozen=True)
@@ -87,9 +87,9 @@ def run(spec: RunSpec) -> None:
     ensemble = {k: probs[k].argmax(1) for k in cfg.encoders}
     test = mcnemar(ensemble[base] == validation_y, ensemble[cand] == validation_y)
     per_seed = [mcnemar(a["predicted"] == validation_y, b["predicted"] == validation_y)["p_exact"]
-                for a, b in zip(runs[base], runs[cand])]
+                for a, b in zip(runs[base], runs[cand], strict=True)]
     summary = {
-        "encoders": dict(zip(cfg.encoders, refs)),
+        "encoders": dict(zip(cfg.encoders, refs, strict=True)),
         "seeds": seeds,
         "settings": {"max_length": head_cfg.max_length, "epochs": head_cfg.epochs, "batch_size": head_cfg.batch_size,
                      "lr": head_cfg.lr, "pooling": head_cfg.pooling, "validation": validation_url,
@@ -181,7 +181,8 @@ def verdict(base: str, cand: str, summary: dict) -> str:
     if low > 0 and p < 0.05:
         return f"Yes, {subject} helped: {evidence}."
     if low > 0:
-        return f"Probably, {subject} helped a little: the F1 interval excludes zero but McNemar's test does not confirm it; {evidence}."
+        return (f"Probably, {subject} helped a little: the F1 interval excludes zero "
+                f"but McNemar's test does not confirm it; {evidence}.")
     if high < 0:
         return f"No, {subject} hurt: {evidence}."
     return f"No clear evidence that {subject} helped: the F1 interval includes zero; {evidence}."

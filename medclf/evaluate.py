@@ -89,13 +89,15 @@ def metrics(classes: list[str], y_true: np.ndarray, y_pred: np.ndarray,
             y_true, y_pred, labels=labels, average="macro", zero_division=0)[2]),
         "any_label_accuracy": None,
         "per_class": {
-            c: {"precision": float(per_p[i]), "recall": float(per_r[i]), "f1": float(per_f[i]), "support": int(support[i])}
+            c: {"precision": float(per_p[i]), "recall": float(per_r[i]), "f1": float(per_f[i]),
+                "support": int(support[i])}
             for i, c in enumerate(classes)
         },
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
     if label_sets is not None:
-        result["any_label_accuracy"] = float(np.mean([classes[p] in s for p, s in zip(y_pred, label_sets)]))
+        hits = [classes[p] in s for p, s in zip(y_pred, label_sets, strict=True)]
+        result["any_label_accuracy"] = float(np.mean(hits))
     return result
 
 
@@ -110,7 +112,7 @@ def note_labels(out: str, df: pd.DataFrame) -> list[set[str]]:
         if storage.exists(url):
             parts.append(data.read_table(url, ["text_id", data.SPECIALTY])[["text_id", data.SPECIALTY]])
     for part in parts:
-        for note, label in zip(part["text_id"], part[data.SPECIALTY]):
+        for note, label in zip(part["text_id"], part[data.SPECIALTY], strict=True):
             by_note.setdefault(note, set()).add(label)
     return [by_note[note] for note in ids]
 
@@ -140,7 +142,7 @@ def report_markdown(title: str, classes: list[str], result: dict) -> str:
     lines += ["", "Confusion matrix (rows: true class, columns: predicted), also in confusion.png:", ""]
     lines += ["| true \\ predicted | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
     lines += [f"| {c} | " + " | ".join(str(v) for v in row) + " |"
-              for c, row in zip(classes, result["confusion_matrix"])]
+              for c, row in zip(classes, result["confusion_matrix"], strict=True)]
     return "\n".join(lines) + "\n"
 
 

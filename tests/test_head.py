@@ -56,8 +56,8 @@ def _count_encoded_rows(monkeypatch) -> list[int]:
 
 def test_features_are_computed_once_per_text_however_many_epochs(small, tiny_bert, tmp_path, monkeypatch):
     seen = _count_encoded_rows(monkeypatch)
-    distinct = sum(pd.read_csv(small / "prepare" / f)["transcription"].nunique() for f in ("train.csv", "validation.csv"))
-    rows = sum(len(pd.read_csv(small / "prepare" / f)) for f in ("train.csv", "validation.csv"))
+    splits = [pd.read_csv(small / "prepare" / f) for f in ("train.csv", "validation.csv")]
+    distinct, rows = sum(df["transcription"].nunique() for df in splits), sum(len(df) for df in splits)
     assert distinct < rows  # the data repeats texts, so "once per text" is a real claim
 
     head.run(head_spec(small, tiny_bert, "epochs=1"))
@@ -116,7 +116,8 @@ def test_classifier_round_trip_through_fsspec(tiny_bert):
     assert loaded_info == info and not loaded.training
     ids = tokenizer(["chest pain and shortness of breath", "left knee"], padding=True, return_tensors="pt")
     with torch.no_grad():
-        assert torch.equal(loaded(ids["input_ids"], ids["attention_mask"]), model(ids["input_ids"], ids["attention_mask"]))
+        inputs = (ids["input_ids"], ids["attention_mask"])
+        assert torch.equal(loaded(*inputs), model(*inputs))
 
     # A referenced encoder that changes afterwards must not silently feed the old head.
     # (saved again, manifest and all: an edited classifier.json alone is refused by the manifest check)
