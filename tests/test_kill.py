@@ -10,7 +10,8 @@ previous one left (so resuming after a resume is covered too):
 
 then an in-process rerun finishes the job and its weights are compared with an uninterrupted run,
 tensor by tensor with torch.equal. The head job keeps no checkpoints (a frozen head trains for
-seconds on cached features), so there is nothing of it to resume.
+seconds on cached features), so there is nothing of it to resume. Predict, killed between two
+chunks, leaves no output file (its chunks go to a temporary name), and a rerun writes it whole.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from medclf import checkpoint, config, mlm
+from medclf import checkpoint, cli, config, mlm
 from medclf.checkpoint import PAUSE_ENV
 from medclf.mlm import STEP_SLEEP_ENV
 from tests.conftest import REPO
+from tests.test_bad_input import make_classifier
 
 ARGS = ["max_length=32", "batch_size=4", "micro_batch_size=2", "log_every=1", "lr=1e-3", "eval_blocks=4",
         "keep_last=10", "max_steps=8", "checkpoint_every=2"]
@@ -119,3 +121,29 @@ def test_killed_anywhere_the_resumed_run_ends_with_the_uninterrupted_weights(tin
     assert not different, f"weights differ after kill -9 and resume: {different[:5]}"
     history = [json.loads((run / "mlm/metrics.json").read_text())["history"] for run in (whole, killed)]
     assert history[0] == history[1] and len(history[0]) == 8
+
+
+def test_predict_killed_mid_file_leaves_no_output_and_a_rerun_writes_it_whole(tiny_bert, mtsamples, tmp_path):
+    notes = pd.read_csv(mtsamples, dtype=str, keep_default_na=False).iloc[:500]
+    notes = notes[notes["transcription"].str.strip() != ""][["sample_name", "transcription"]]
+    notes.to_csv(tmp_path / "notes.csv", index=False)
+    model = make_classifier(tmp_path / "classifier", tiny_bert, ["a", "b", "c"])
+    output = tmp_path / "out" / "predictions.csv"
+    args = [f"model={model}", f"input={tmp_path / 'notes.csv'}", f"output={output}", "chunk_rows=100"]
+    command = [sys.executable, "-m", "medclf", "predict", *args]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = ""
+    while "100 rows classified" not in seen:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        seen += line
+    process.kill()
+    seen += process.communicate(timeout=60)[0]
+    assert "100 rows classified" in seen and f"wrote {output}" not in seen, seen[-2000:]
+    assert not output.exists()  # the chunks written so far sit under a temporary name only
+
+    cli.main(["predict", *args])  # a leftover temporary is no "existing output"
+    written = pd.read_csv(output)
+    assert written["row"].tolist() == list(range(len(notes)))
