@@ -109,6 +109,8 @@ def _prune(root: str, keep_last: int, newest: int) -> None:
         stale_partial = step < newest and step not in complete
         beyond_k = step in complete and complete.index(step) < len(complete) - keep_last
         if stale_partial or beyond_k:
+            # The manifest goes first: a prune killed halfway leaves a folder that is plainly incomplete.
+            storage.remove(storage.join(step_url(root, step), MANIFEST))
             storage.remove(step_url(root, step))
 
 
@@ -289,6 +291,7 @@ def _set_rng(data: bytes) -> None:
 
 def publish_dir(local_dir: str, url: str) -> None:
     """Upload a local folder (a save_pretrained model) to `url`, its manifest written last."""
+    storage.remove(storage.join(url, MANIFEST))  # first: an older copy being replaced is never "complete"
     storage.remove(url)
     storage.upload_dir(local_dir, url)
     files = {}
