@@ -63,8 +63,8 @@ def run(spec: RunSpec) -> None:
         validation_x = features.cached_encode(
             model, tokenizer, validation_df[data.TEXT].tolist(), source=validation_url, **cached)
         head = fit(accelerator, head, TensorDataset(train_x, torch.tensor(train_y)),
-                      epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
-                      validation=(validation_x, validation_y))
+                   epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
+                   validation=(validation_x, validation_y))
         with torch.no_grad():
             probs = torch.softmax(head.eval()(validation_x.to(accelerator.device)).float().cpu(), -1).numpy()
     else:
