@@ -51,8 +51,9 @@ def make_classifier(folder: Path, encoder: Path, classes: list[str], max_length:
     _, _, where = classifier.load_encoder(str(encoder))
     runtime.seed_everything(0)
     head = classifier.Head(32, len(classes))
-    info = classifier.ClassifierInfo(classes=classes, encoder=str(encoder), encoder_fingerprint=classifier.fingerprint(where),
-                                     pooling="cls", max_length=max_length, hidden_size=32, dropout=0.2, frozen=True)
+    info = classifier.ClassifierInfo(classes=classes, encoder=str(encoder), pooling="cls", max_length=max_length,
+                                     encoder_fingerprint=classifier.fingerprint(where), hidden_size=32, dropout=0.2,
+                                     frozen=True)
     classifier.save(str(folder), head, info)
     return folder
 
@@ -86,6 +87,10 @@ def set_cell(column: str, row: int, value: str) -> Callable[[pd.DataFrame], pd.D
         df.loc[row, column] = value
         return df
     return change
+
+
+def unknown_label(name: str, row: int) -> Callable[[Path], None]:
+    return edit_csv(name, set_cell("medical_specialty", row, "Dermatology"))
 
 
 def drop_text(df: pd.DataFrame) -> pd.DataFrame:
@@ -127,85 +132,89 @@ HEAD = ["head", "out={run}", "mlm.model={tiny}", *TINY_HEAD]
 EVALUATE = ["evaluate", "out={run}", "evaluate.model={run}/classifier"]
 COMPARE = ["compare", "out={run}", "mlm.model={tiny}", "compare.encoders=[pretrained, {tiny}]", "compare.seeds=1",
            "compare.bootstrap=10", *TINY_HEAD]
-PREDICT = ["predict", "predict.model={run}/classifier", "predict.input={run}/notes.csv", "predict.output={run}/pred.csv",
-           "predict.chunk_rows=5"]
+PREDICT = ["predict", "predict.model={run}/classifier", "predict.input={run}/notes.csv",
+           "predict.output={run}/pred.csv", "predict.chunk_rows=5"]
+TRAIN, VALIDATION = "prepare/train.csv", "prepare/validation.csv"
+NO_SUCH_FILE = r"absent\.csv: no such file"
+MISSING_TEXT = r"missing column\(s\) transcription"
+UNWRITABLE = r"blocked.*cannot write: .* is a file, not a folder"
+NOT_BERT = r"model_type 'gpt2' is not a BERT"
+UNKNOWN_LABEL = r"label 'Dermatology' is not one of the classes"
 
 CASES = [
     # prepare
-    ("prepare", "missing CSV", [*PREPARE, "prepare.input={run}/absent.csv"], None, r"absent\.csv: no such file"),
-    ("prepare", "wrong-schema CSV", PREPARE, edit_csv("raw.csv", drop_text), r"raw\.csv: missing column\(s\) transcription"),
+    ("prepare", "missing CSV", [*PREPARE, "prepare.input={run}/absent.csv"], None, NO_SUCH_FILE),
+    ("prepare", "wrong-schema CSV", PREPARE, edit_csv("raw.csv", drop_text), r"raw\.csv: " + MISSING_TEXT),
     ("prepare", "not UTF-8 text", PREPARE, not_utf8("raw.csv"), r"raw\.csv: not UTF-8"),
     ("prepare", "existing output", [*PREPARE, "out={run}"], None, r"run/prepare: output exists"),
-    ("prepare", "unwritable output", [*PREPARE, "out={run}/blocked/run"], None, r"blocked.*(not a folder|cannot write)"),
+    ("prepare", "unwritable output", [*PREPARE, "out={run}/blocked/run"], None, UNWRITABLE),
     # mlm
-    ("mlm", "missing CSV", [*MLM, "mlm.train={run}/absent.csv"], None, r"absent\.csv: no such file"),
-    ("mlm", "wrong-schema CSV", MLM, edit_csv("prepare/train.csv", drop_text), r"train\.csv: missing column\(s\) transcription"),
-    ("mlm", "empty transcription", MLM, edit_csv("prepare/train.csv", set_cell("transcription", 3, " ")),
+    ("mlm", "missing CSV", [*MLM, "mlm.train={run}/absent.csv"], None, NO_SUCH_FILE),
+    ("mlm", "wrong-schema CSV", MLM, edit_csv(TRAIN, drop_text), r"train\.csv: " + MISSING_TEXT),
+    ("mlm", "empty transcription", MLM, edit_csv(TRAIN, set_cell("transcription", 3, " ")),
      r"train\.csv: row 4: empty transcription"),
-    ("mlm", "not UTF-8 text", MLM, not_utf8("prepare/train.csv"), r"train\.csv: not UTF-8"),
-    ("mlm", "not a BERT-family model", [*MLM, "mlm.model={run}/gpt2"], None, r"gpt2: model_type 'gpt2' is not a BERT"),
+    ("mlm", "not UTF-8 text", MLM, not_utf8(TRAIN), r"train\.csv: not UTF-8"),
+    ("mlm", "not a BERT-family model", [*MLM, "mlm.model={run}/gpt2"], None, r"gpt2: " + NOT_BERT),
     ("mlm", "not a model folder", [*MLM, "mlm.model={run}/prepare"], None, r"prepare: not a model folder"),
     ("mlm", "max_length above positions", [*MLM, "mlm.max_length=256"], None, r"mlm\.max_length: 256 is above"),
     ("mlm", "existing output", MLM, publish("classifier", "mlm/model"), r"mlm/model: output exists"),
-    ("mlm", "unwritable output", [*MLM, "out={run}/blocked/run", "mlm.train={run}/prepare/train.csv",
-                                  "mlm.validation={run}/prepare/validation.csv"], None, r"blocked.*(not a folder|cannot write)"),
+    ("mlm", "unwritable output", [*MLM, "out={run}/blocked/run", "mlm.train={run}/" + TRAIN,
+                                  "mlm.validation={run}/" + VALIDATION], None, UNWRITABLE),
     # head
-    ("head", "missing CSV", [*HEAD, "head.train={run}/absent.csv"], None, r"absent\.csv: no such file"),
-    ("head", "missing labels.json", HEAD, lambda run: (run / "prepare/labels.json").unlink(), r"labels\.json: no such file"),
-    ("head", "wrong-schema CSV", HEAD, edit_csv("prepare/validation.csv", drop_text),
-     r"validation\.csv: missing column\(s\) transcription"),
-    ("head", "empty transcription", HEAD, edit_csv("prepare/train.csv", set_cell("transcription", 5, "")),
+    ("head", "missing CSV", [*HEAD, "head.train={run}/absent.csv"], None, NO_SUCH_FILE),
+    ("head", "missing labels.json", HEAD, lambda run: (run / "prepare/labels.json").unlink(),
+     r"labels\.json: no such file"),
+    ("head", "wrong-schema CSV", HEAD, edit_csv(VALIDATION, drop_text), r"validation\.csv: " + MISSING_TEXT),
+    ("head", "empty transcription", HEAD, edit_csv(TRAIN, set_cell("transcription", 5, "")),
      r"train\.csv: row 6: empty transcription"),
-    ("head", "label not in labels.json", HEAD, edit_csv("prepare/train.csv", set_cell("medical_specialty", 2, "Dermatology")),
-     r"train\.csv: row 3: label 'Dermatology' is not one of the classes"),
-    ("head", "not a BERT-family model", [*HEAD, "mlm.model={run}/gpt2"], None, r"model_type 'gpt2' is not a BERT"),
+    ("head", "label not in labels.json", HEAD, unknown_label(TRAIN, 2),
+     r"train\.csv: row 3: " + UNKNOWN_LABEL),
+    ("head", "not a BERT-family model", [*HEAD, "mlm.model={run}/gpt2"], None, NOT_BERT),
     ("head", "max_length above positions", [*HEAD, "head.max_length=256"], None, r"head\.max_length=256 is above"),
     ("head", "adapted model missing", [*HEAD, "head.encoder=adapted"], None, r"mlm/model has no model yet"),
     ("head", "existing output", HEAD, write("head-pretrained/report.md", "x"), r"head-pretrained: output exists"),
-    ("head", "unwritable output", [*HEAD, "head.name=x/y"], write("head-x", "a file"), r"head-x.*(not a folder|cannot write)"),
+    ("head", "unwritable output", [*HEAD, "head.name=blocked/x"], write("head-blocked", "a file"),
+     UNWRITABLE.replace("blocked", "head-blocked")),
     # evaluate
-    ("evaluate", "missing CSV", [*EVALUATE, "evaluate.data={run}/absent.csv"], None, r"absent\.csv: no such file"),
-    ("evaluate", "wrong-schema CSV", EVALUATE, edit_csv("prepare/validation.csv", drop_text),
-     r"validation\.csv: missing column\(s\) transcription"),
-    ("evaluate", "empty transcription", EVALUATE, edit_csv("prepare/validation.csv", set_cell("transcription", 1, "  ")),
+    ("evaluate", "missing CSV", [*EVALUATE, "evaluate.data={run}/absent.csv"], None, NO_SUCH_FILE),
+    ("evaluate", "wrong-schema CSV", EVALUATE, edit_csv(VALIDATION, drop_text), r"validation\.csv: " + MISSING_TEXT),
+    ("evaluate", "empty transcription", EVALUATE, edit_csv(VALIDATION, set_cell("transcription", 1, "  ")),
      r"validation\.csv: row 2: empty transcription"),
     ("evaluate", "label not in the classes", EVALUATE,
-     edit_csv("prepare/validation.csv", set_cell("medical_specialty", 0, "Dermatology")),
-     r"validation\.csv: row 1: label 'Dermatology' is not one of the classes"),
+     unknown_label(VALIDATION, 0), r"validation\.csv: row 1: " + UNKNOWN_LABEL),
     ("evaluate", "classes do not match labels.json", EVALUATE, other_classifier(["Surgery", "Radiology"]),
      r"classifier classes .* do not match .*labels\.json"),
-    ("evaluate", "not a classifier folder", [*EVALUATE, "evaluate.model={tiny}"], None, r"not a medclf classifier folder"),
+    ("evaluate", "not a classifier folder", [*EVALUATE, "evaluate.model={tiny}"], None,
+     r"not a medclf classifier folder"),
     ("evaluate", "max_length above positions", EVALUATE, other_classifier(max_length=256), r"max_length=256 is above"),
     ("evaluate", "existing output", EVALUATE, write("evaluate/classifier/metrics.json", "{}"),
      r"evaluate/classifier: output exists"),
-    ("evaluate", "unwritable output", [*EVALUATE, "out={run}/blocked/run", "evaluate.data={run}/prepare/validation.csv"],
-     None, r"blocked.*(not a folder|cannot write)"),
+    ("evaluate", "unwritable output", [*EVALUATE, "out={run}/blocked/run", "evaluate.data={run}/" + VALIDATION],
+     None, UNWRITABLE),
     # compare
-    ("compare", "missing CSV", [*COMPARE, "head.validation={run}/absent.csv"], None, r"absent\.csv: no such file"),
-    ("compare", "wrong-schema CSV", COMPARE, edit_csv("prepare/train.csv", drop_text),
-     r"train\.csv: missing column\(s\) transcription"),
-    ("compare", "empty transcription", COMPARE, edit_csv("prepare/validation.csv", set_cell("transcription", 2, "")),
+    ("compare", "missing CSV", [*COMPARE, "head.validation={run}/absent.csv"], None, NO_SUCH_FILE),
+    ("compare", "wrong-schema CSV", COMPARE, edit_csv(TRAIN, drop_text), r"train\.csv: " + MISSING_TEXT),
+    ("compare", "empty transcription", COMPARE, edit_csv(VALIDATION, set_cell("transcription", 2, "")),
      r"validation\.csv: row 3: empty transcription"),
     ("compare", "label not in labels.json", COMPARE,
-     edit_csv("prepare/validation.csv", set_cell("medical_specialty", 1, "Dermatology")),
-     r"validation\.csv: row 2: label 'Dermatology' is not one of the classes"),
-    ("compare", "not a BERT-family model", [*COMPARE, "compare.encoders=[pretrained, {run}/gpt2]"], None,
-     r"model_type 'gpt2' is not a BERT"),
-    ("compare", "max_length above positions", [*COMPARE, "head.max_length=256"], None, r"head\.max_length=256 is above"),
+     unknown_label(VALIDATION, 1), r"validation\.csv: row 2: " + UNKNOWN_LABEL),
+    ("compare", "not a BERT-family model", [*COMPARE, "compare.encoders=[pretrained, {run}/gpt2]"], None, NOT_BERT),
+    ("compare", "max_length above positions", [*COMPARE, "head.max_length=256"], None,
+     r"head\.max_length=256 is above"),
     ("compare", "adapted model missing", [*COMPARE, "compare.encoders=[pretrained, adapted]"], None,
      r"mlm/model has no model yet"),
     ("compare", "existing output", COMPARE, write("comparison.md", "x"), r"comparison\.md: output exists"),
     # predict
-    ("predict", "missing CSV", [*PREDICT, "predict.input={run}/absent.csv"], None, r"absent\.csv: no such file"),
-    ("predict", "wrong-schema CSV", PREDICT, edit_csv("notes.csv", drop_text), r"notes\.csv: missing column transcription"),
+    ("predict", "missing CSV", [*PREDICT, "predict.input={run}/absent.csv"], None, NO_SUCH_FILE),
+    ("predict", "wrong-schema CSV", PREDICT, edit_csv("notes.csv", drop_text),
+     r"notes\.csv: missing column transcription"),
     ("predict", "empty transcription (second chunk)", PREDICT, edit_csv("notes.csv", set_cell("transcription", 7, "")),
      r"notes\.csv: row 8: empty transcription"),
     ("predict", "not UTF-8 text", PREDICT, not_utf8("notes.csv"), r"notes\.csv: not a readable UTF-8 CSV"),
     ("predict", "not a classifier folder", [*PREDICT, "predict.model={tiny}"], None, r"not a medclf classifier folder"),
     ("predict", "max_length above positions", PREDICT, other_classifier(max_length=256), r"max_length=256 is above"),
     ("predict", "existing output", PREDICT, write("pred.csv", "row\n"), r"pred\.csv: output exists"),
-    ("predict", "unwritable output", [*PREDICT, "predict.output={run}/blocked/pred.csv"], None,
-     r"blocked.*(not a folder|cannot write)"),
+    ("predict", "unwritable output", [*PREDICT, "predict.output={run}/blocked/pred.csv"], None, UNWRITABLE),
 ]
 
 
