@@ -152,7 +152,8 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
         raise MedclfError(
             f"mlm.batch_size: {cfg.batch_size} blocks per step, but the training text fills only {len(blocks)}")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    masker = Masker(tokenizer.mask_token_id, len(tokenizer), tokenizer.all_special_ids,
+    # Random replacement tokens come from the ids both the tokenizer and the embedding know.
+    masker = Masker(tokenizer.mask_token_id, min(len(tokenizer), model_config.vocab_size), tokenizer.all_special_ids,
                     cfg.mlm_probability, cfg.whole_word_masking)
     val_blocks, val_block_starts = pack(val_ids, cfg.max_length), pack(val_starts, cfg.max_length)
     val_blocks, val_block_starts = val_blocks[: cfg.eval_blocks], val_block_starts[: cfg.eval_blocks]
