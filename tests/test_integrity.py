@@ -41,6 +41,10 @@ def delete(path: Path) -> None:
     path.unlink()
 
 
+def case_ids(cases: list) -> list[str]:
+    return [f"{damage.__name__} {name}" for damage, name, _ in cases]
+
+
 # (how, which file of the folder, what the message must say)
 CHECKPOINT_DAMAGE = [
     (truncate, "model.safetensors", r"model\.safetensors: \d+ bytes, manifest says"),
@@ -58,7 +62,7 @@ def whole(tmp_path_factory, prepared, tiny_bert) -> Path:
     return run
 
 
-@pytest.mark.parametrize("damage, name, expected", CHECKPOINT_DAMAGE, ids=lambda v: getattr(v, "__name__", None))
+@pytest.mark.parametrize("damage, name, expected", CHECKPOINT_DAMAGE, ids=case_ids(CHECKPOINT_DAMAGE))
 def test_a_damaged_checkpoint_is_passed_over_and_resume_falls_back(damage, name, expected, whole, tiny_bert, tmp_path,
                                                                   caplog):
     # What a run interrupted after its step-4 checkpoint leaves behind, with that checkpoint damaged.
@@ -85,7 +89,7 @@ SAVED_MODEL_DAMAGE = [
 ]
 
 
-@pytest.mark.parametrize("damage, name, expected", SAVED_MODEL_DAMAGE, ids=lambda v: getattr(v, "__name__", None))
+@pytest.mark.parametrize("damage, name, expected", SAVED_MODEL_DAMAGE, ids=case_ids(SAVED_MODEL_DAMAGE))
 def test_a_damaged_adapted_model_is_refused_by_name(damage, name, expected, whole, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(whole / "prepare", run / "prepare")
@@ -106,7 +110,7 @@ CLASSIFIER_DAMAGE = [
 ]
 
 
-@pytest.mark.parametrize("damage, name, expected", CLASSIFIER_DAMAGE, ids=lambda v: getattr(v, "__name__", None))
+@pytest.mark.parametrize("damage, name, expected", CLASSIFIER_DAMAGE, ids=case_ids(CLASSIFIER_DAMAGE))
 def test_a_damaged_classifier_is_refused_by_name(damage, name, expected, whole, tiny_bert, tmp_path, capsys):
     run = tmp_path / "run"
     classes = json.loads((whole / "prepare" / "labels.json").read_text())["classes"]
