@@ -183,8 +183,11 @@ def verdict(base: str, cand: str, summary: dict) -> str:
     if low > 0:
         return (f"Probably, {subject} helped a little: the F1 interval excludes zero "
                 f"but McNemar's test does not confirm it; {evidence}.")
-    if high < 0:
+    if high < 0 and p < 0.05:
         return f"No, {subject} hurt: {evidence}."
+    if high < 0:
+        return (f"No, and if anything {subject} hurt a little: the F1 interval is below zero "
+                f"but McNemar's test does not confirm it; {evidence}.")
     return f"No clear evidence that {subject} helped: the F1 interval includes zero; {evidence}."
 
 

@@ -66,3 +66,5 @@ def test_verdict_says_what_the_evidence_says():
     assert compare.verdict("pretrained", "adapted", summary(0.01, 0.05, 0.01)).startswith("Yes, adaptation helped")
     assert compare.verdict("pretrained", "adapted", summary(-0.02, 0.03, 0.5)).startswith("No clear evidence")
     assert compare.verdict("pretrained", "adapted", summary(-0.05, -0.01, 0.01)).startswith("No, adaptation hurt")
+    assert compare.verdict("pretrained", "adapted", summary(-0.05, -0.01, 0.6)).startswith("No, and if anything")
+    assert compare.verdict("pretrained", "adapted", summary(0.01, 0.05, 0.6)).startswith("Probably")
