@@ -7,8 +7,8 @@ A tiny classifier (the 2-layer, hidden-32 BERT of tests/tiny.py with an untraine
 32) classifies N notes: the real MTSamples transcriptions repeated in order, each copy made
 distinct by a numbered first line so that deduplication cannot shrink the work. Each size runs
 `python -m medclf predict` as its own child process, whose peak resident memory (ru_maxrss)
-comes from wait4(); its resident memory is also sampled twice a second, and the peaks of the
-first and second half of the run are reported (a leak would climb). `--whole-file-too` adds a
+comes from wait4(); its resident memory is also read after every chunk it writes (a leak would
+climb from chunk to chunk). `--whole-file-too` adds a
 run of the largest input read as one chunk (chunk_rows = N): what reading everything at once
 would cost. Prints one JSON line.
 """
@@ -63,21 +63,16 @@ def predict(model: pathlib.Path, notes: pathlib.Path, output: pathlib.Path, chun
     command = [sys.executable, "-m", "medclf", "predict", f"model={model}", f"input={notes}", f"output={output}",
                f"chunk_rows={chunk_rows}", f"batch_size={batch_size}", "overwrite=true"]
     started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    samples = []  # (seconds, resident MiB) twice a second: a leak would climb from one half to the next
-    while True:
-        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-        if pid:
-            break
-        samples.append((time.perf_counter() - started, resident_mib(child.pid)))
-        time.sleep(0.5)
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Resident memory each time a chunk has been written: a leak would climb from chunk to chunk.
+    after_chunks = [resident_mib(child.pid) for line in child.stderr if "rows classified" in line]
+    _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"predict failed with status {os.waitstatus_to_exitcode(status)}: {' '.join(command)}")
     rows = sum(1 for _ in open(output, encoding="utf-8")) - 1
-    halves = [[mib for t, mib in samples if (t < seconds / 2) == first] or [0.0] for first in (True, False)]
-    return {"peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "peak_first_half_mib": max(halves[0]),
-            "peak_second_half_mib": max(halves[1]), "seconds": round(seconds, 1), "rows_out": rows}
+    return {"peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "rss_after_each_chunk_mib": after_chunks,
+            "seconds": round(seconds, 1), "rows_out": rows}
 
 
 def resident_mib(pid: int) -> float:
