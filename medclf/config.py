@@ -80,7 +80,9 @@ class MlmSpec:
     eval_seed: int = opt(1234, "seed of the fixed evaluation masks")
     checkpoint_every: int = opt(500, "save a checkpoint every N steps (and at the end)")
     keep_last: int = opt(3, "complete checkpoints kept")
-    resume: str = opt("auto", "auto: latest complete, verified checkpoint if any; never (start over); or a checkpoint URL")
+    resume: str = opt(
+        "auto", "auto: latest complete, verified checkpoint if any; never (start over); or a checkpoint URL"
+    )
     log_every: int = opt(10, "log loss, lr, tokens/s and ETA every N steps")
     report_to: str = opt("none", "accelerate trackers: none, tensorboard, wandb, ... (comma separated)")
     eval_blocks: Optional[int] = opt(None, "evaluate on the first N validation blocks only (None: all)")
