@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,10 @@ def make_accelerator(
 
     Mixed precision comes from `accelerate launch`/accelerate_config.yaml (bf16 on GPUs).
     """
+    # One progress bar per job: transformers' own loading bars and load reports stay quiet (the
+    # jobs log what matters, e.g. a masked-LM head that had to be initialised).
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     trackers = [t.strip() for t in report_to.split(",") if t.strip() and t.strip() != "none"]
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
