@@ -174,7 +174,7 @@ def verdict(base: str, cand: str, summary: dict) -> str:
     f1 = summary["metrics"]
     subject = "adaptation" if (base, cand) == ("pretrained", "adapted") else f"{cand} over {base}"
     evidence = (
-        f"weighted F1 {f1[cand]['f1_weighted']['mean']:.3f} vs {f1[base]['f1_weighted']['mean']:.3f} "
+        f"weighted F1 {f1[cand]['f1_weighted']['mean']:.3f} {cand} vs {f1[base]['f1_weighted']['mean']:.3f} {base} "
         f"(difference {diff['observed']:+.3f}, 95% CI {low:+.3f} to {high:+.3f}); "
         f"McNemar on the seed-averaged predictions p = {p:.3g}"
     )
