@@ -42,12 +42,9 @@ def run(spec: RunSpec) -> None:
         check_max_length(head_cfg.max_length, models.resolve(ref), ref, "head.max_length")
 
     # -- data
-    prepared = storage.join(spec.out, "prepare")
-    classes = data.read_labels(storage.join(prepared, "labels.json"))
-    train_url = head_cfg.train or storage.join(prepared, "train.csv")
-    validation_url = head_cfg.validation or storage.join(prepared, "validation.csv")
-    train_df, train_y = data.read_labeled(train_url, classes)
-    validation_df, validation_y = data.read_labeled(validation_url, classes)
+    classes, (train_url, train_df, train_y), (validation_url, validation_df, validation_y) = data.read_splits(
+        spec.out, head_cfg.train, head_cfg.validation
+    )
     label_sets = evaluate.note_labels(spec.out, validation_df)
     accelerator = runtime.make_accelerator()
 

@@ -86,6 +86,20 @@ def read_labeled(url: str, classes: list[str]) -> tuple[pd.DataFrame, np.ndarray
     return df, label_indices(df, classes, url)
 
 
+def read_splits(out: str, train: Optional[str] = None, validation: Optional[str] = None):
+    """A run's classes and its labeled splits, each as (url, frame, label indices).
+
+    `train`/`validation` default to the prepare job's files under `<out>/prepare/`.
+    """
+    prepared = storage.join(out, "prepare")
+    classes = read_labels(storage.join(prepared, "labels.json"))
+    splits = []
+    for given, name in ((train, "train.csv"), (validation, "validation.csv")):
+        url = given or storage.join(prepared, name)
+        splits.append((url, *read_labeled(url, classes)))
+    return classes, splits[0], splits[1]
+
+
 # ---------------------------------------------------------------- prepare's steps
 
 

@@ -35,12 +35,9 @@ def run(spec: RunSpec) -> None:
     storage.check_output(out, spec.overwrite)
 
     # -- data: the prepared splits and their classes; every check before any model work
-    prepared = storage.join(spec.out, "prepare")
-    classes = data.read_labels(storage.join(prepared, "labels.json"))
-    train_url = cfg.train or storage.join(prepared, "train.csv")
-    validation_url = cfg.validation or storage.join(prepared, "validation.csv")
-    train_df, train_y = data.read_labeled(train_url, classes)
-    validation_df, validation_y = data.read_labeled(validation_url, classes)
+    classes, (train_url, train_df, train_y), (validation_url, validation_df, validation_y) = data.read_splits(
+        spec.out, cfg.train, cfg.validation
+    )
     seed = spec.seed if cfg.seed is None else cfg.seed
 
     # -- encoder and classifier (the head is seeded after the encoder: loading may draw random numbers)
