@@ -188,6 +188,3 @@ def load(url: str) -> tuple[Classifier, object, ClassifierInfo]:
     model = Classifier(encoder, head, info.pooling, frozen=True)  # inference only: never trains again
     return model.eval(), tokenizer, info
 
-
-def describe(info: ClassifierInfo) -> str:
-    return json.dumps({k: v for k, v in asdict(info).items() if k != "classes"})
