@@ -65,13 +65,26 @@ def main() -> None:
     # Same init, order and dropout: the two heads must agree, or the comparison is meaningless.
     with torch.no_grad():
         gap = (original.head.eval()(vectors) - ours.head.eval()(vectors)).abs().max().item()
-    print(json.dumps({
-        "benchmark": "head_training", "model": args.model, "rows": len(texts), "distinct_texts": len(set(texts)),
-        "epochs": args.epochs, "max_length": args.max_length, "threads": torch.get_num_threads(),
-        "original_s": round(original_s, 1), "ours_s": round(ours_s, 1), "ratio": round(original_s / ours_s, 2),
-        "original_cpu_s": round(original_cpu, 1), "ours_cpu_s": round(ours_cpu, 1),
-        "cpu_ratio": round(original_cpu / ours_cpu, 2), "max_logit_gap": gap,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "head_training",
+                "model": args.model,
+                "rows": len(texts),
+                "distinct_texts": len(set(texts)),
+                "epochs": args.epochs,
+                "max_length": args.max_length,
+                "threads": torch.get_num_threads(),
+                "original_s": round(original_s, 1),
+                "ours_s": round(ours_s, 1),
+                "ratio": round(original_s / ours_s, 2),
+                "original_cpu_s": round(original_cpu, 1),
+                "ours_cpu_s": round(ours_cpu, 1),
+                "cpu_ratio": round(original_cpu / ours_cpu, 2),
+                "max_logit_gap": gap,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

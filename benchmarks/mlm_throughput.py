@@ -103,8 +103,9 @@ def main() -> None:
 
     def step_stock(k: int) -> tuple[int, int]:
         rows = [(k * args.batch + j) % len(texts) for j in range(args.batch)]
-        batch = collator([{"input_ids": encoded["input_ids"][r], "attention_mask": encoded["attention_mask"][r]}
-                          for r in rows])
+        batch = collator(
+            [{"input_ids": encoded["input_ids"][r], "attention_mask": encoded["attention_mask"][r]} for r in rows]
+        )
         batch = {key: value.to(device) for key, value in batch.items()}
         with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
             loss = model(**batch).loss
@@ -134,6 +135,7 @@ def main() -> None:
             print(f"step {k} {name}: {tokens / seconds:,.0f} real tokens/s", flush=True)
 
     peak = max(peak_before, matmul_peak(peak_size, dtype, device))
+
     def rate(name: str, index: int) -> tuple[float, float]:
         """Median and best over steps of real tokens/s (index 0) or model FLOP/s (index 2)."""
         rates = [t[index] / t[1] for t in timings[name]]
@@ -143,13 +145,22 @@ def main() -> None:
     ours_flops, ours_flops_best = rate("ours", 2)
     fill = sum(sum(m) for m in encoded["attention_mask"]) / (len(texts) * args.max_length)
     figures = {
-        "model": args.model, "device": device, "threads": torch.get_num_threads(), "dtype": str(dtype),
-        "max_length": args.max_length, "batch": args.batch,
-        "ours_tokens_per_s": ours_tps, "stock_real_tokens_per_s": stock_tps, "ratio": ours_tps / stock_tps,
-        "ours_tokens_per_s_best": ours_best, "stock_real_tokens_per_s_best": stock_best,
+        "model": args.model,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "dtype": str(dtype),
+        "max_length": args.max_length,
+        "batch": args.batch,
+        "ours_tokens_per_s": ours_tps,
+        "stock_real_tokens_per_s": stock_tps,
+        "ratio": ours_tps / stock_tps,
+        "ours_tokens_per_s_best": ours_best,
+        "stock_real_tokens_per_s_best": stock_best,
         "ratio_best": ours_best / stock_best,
         "stock_padding_fill": fill,
-        "matmul_peak_flops": peak, "ours_model_flops_per_s": ours_flops, "share_of_matmul_peak": ours_flops / peak,
+        "matmul_peak_flops": peak,
+        "ours_model_flops_per_s": ours_flops,
+        "share_of_matmul_peak": ours_flops / peak,
         "share_of_matmul_peak_best": ours_flops_best / peak,
     }
     print(json.dumps(figures, indent=2))

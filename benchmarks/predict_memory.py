@@ -36,8 +36,12 @@ def write_notes(path: pathlib.Path, texts: list[str], n: int) -> int:
     with open(path, "w", encoding="utf-8", newline="") as f:
         for begin in range(0, n, 10_000):
             rows = range(begin, min(begin + 10_000, n))
-            part = pd.DataFrame({"note_id": [f"n{i}" for i in rows],
-                                 "transcription": [f"Note {i}.\n{texts[i % len(texts)]}" for i in rows]})
+            part = pd.DataFrame(
+                {
+                    "note_id": [f"n{i}" for i in rows],
+                    "transcription": [f"Note {i}.\n{texts[i % len(texts)]}" for i in rows],
+                }
+            )
             part.to_csv(f, index=False, header=begin == 0)
     return path.stat().st_size
 
@@ -51,17 +55,34 @@ def make_classifier(folder: pathlib.Path, data: pathlib.Path, max_length: int) -
     _, _, where = classifier.load_encoder(str(encoder_dir))
     runtime.seed_everything(0)
     classes = ["Surgery", "Consult", "Cardiovascular", "Orthopedic", "Radiology", "General Medicine"]
-    info = classifier.ClassifierInfo(classes=classes, encoder=str(encoder_dir),
-                                     encoder_fingerprint=classifier.fingerprint(where), pooling="cls",
-                                     max_length=max_length, hidden_size=32, dropout=0.2, frozen=True)
+    info = classifier.ClassifierInfo(
+        classes=classes,
+        encoder=str(encoder_dir),
+        encoder_fingerprint=classifier.fingerprint(where),
+        pooling="cls",
+        max_length=max_length,
+        hidden_size=32,
+        dropout=0.2,
+        frozen=True,
+    )
     classifier.save(str(folder / "classifier"), classifier.Head(32, len(classes)), info)
     return folder / "classifier"
 
 
 def predict(model: pathlib.Path, notes: pathlib.Path, output: pathlib.Path, chunk_rows: int, batch_size: int) -> dict:
     """Run the predict job as a child process; its peak RSS and wall time."""
-    command = [sys.executable, "-m", "medclf", "predict", f"model={model}", f"input={notes}", f"output={output}",
-               f"chunk_rows={chunk_rows}", f"batch_size={batch_size}", "overwrite=true"]
+    command = [
+        sys.executable,
+        "-m",
+        "medclf",
+        "predict",
+        f"model={model}",
+        f"input={notes}",
+        f"output={output}",
+        f"chunk_rows={chunk_rows}",
+        f"batch_size={batch_size}",
+        "overwrite=true",
+    ]
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     # Resident memory each time a chunk has been written: a leak would climb from chunk to chunk.
@@ -71,8 +92,12 @@ def predict(model: pathlib.Path, notes: pathlib.Path, output: pathlib.Path, chun
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"predict failed with status {os.waitstatus_to_exitcode(status)}: {' '.join(command)}")
     rows = sum(1 for _ in open(output, encoding="utf-8")) - 1
-    return {"peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "rss_after_each_chunk_mib": after_chunks,
-            "seconds": round(seconds, 1), "rows_out": rows}
+    return {
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        "rss_after_each_chunk_mib": after_chunks,
+        "seconds": round(seconds, 1),
+        "rows_out": rows,
+    }
 
 
 def resident_mib(pid: int) -> float:
@@ -108,14 +133,28 @@ def main() -> None:
             size = notes.stat().st_size if notes.exists() else write_notes(notes, texts, n)
             result = predict(model, notes, folder / "predictions.csv", chunk_rows, args.batch_size)
             assert result["rows_out"] == n, result
-            results.append({"notes": n, "input_mib": round(size / 2**20, 1), "chunk_rows": chunk_rows, **result,
-                            "notes_per_s": round(n / result["seconds"], 1)})
+            results.append(
+                {
+                    "notes": n,
+                    "input_mib": round(size / 2**20, 1),
+                    "chunk_rows": chunk_rows,
+                    **result,
+                    "notes_per_s": round(n / result["seconds"], 1),
+                }
+            )
             print(json.dumps(results[-1]), file=sys.stderr)
     chunked = [r["peak_rss_mib"] for r in results if r["chunk_rows"] == args.chunk_rows]
-    print(json.dumps({
-        "benchmark": "predict_memory", "max_length": args.max_length, "batch_size": args.batch_size, "runs": results,
-        "peak_ratio_largest_to_smallest": round(chunked[-1] / chunked[0], 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "predict_memory",
+                "max_length": args.max_length,
+                "batch_size": args.batch_size,
+                "runs": results,
+                "peak_ratio_largest_to_smallest": round(chunked[-1] / chunked[0], 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -49,14 +49,24 @@ def main() -> None:
     padded_rate, padded_cpu_rate, padded = classify(sort_by_length=False, pad_to=args.max_length)
     sorted_rate, sorted_cpu_rate, ours = classify()
     lengths = [len(x) for x in tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]]
-    print(json.dumps({
-        "benchmark": "predict_throughput", "model": args.model, "notes": len(texts), "batch_size": args.batch_size,
-        "max_length": args.max_length, "mean_tokens": round(sum(lengths) / len(lengths), 1),
-        "share_at_max_length": round(sum(n == args.max_length for n in lengths) / len(lengths), 3),
-        "padded_notes_per_s": round(padded_rate, 2), "sorted_notes_per_s": round(sorted_rate, 2),
-        "ratio": round(sorted_rate / padded_rate, 2),
-        "cpu_ratio": round(sorted_cpu_rate / padded_cpu_rate, 2), "max_prob_gap": (padded - ours).abs().max().item(),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "predict_throughput",
+                "model": args.model,
+                "notes": len(texts),
+                "batch_size": args.batch_size,
+                "max_length": args.max_length,
+                "mean_tokens": round(sum(lengths) / len(lengths), 1),
+                "share_at_max_length": round(sum(n == args.max_length for n in lengths) / len(lengths), 3),
+                "padded_notes_per_s": round(padded_rate, 2),
+                "sorted_notes_per_s": round(sorted_rate, 2),
+                "ratio": round(sorted_rate / padded_rate, 2),
+                "cpu_ratio": round(sorted_cpu_rate / padded_cpu_rate, 2),
+                "max_prob_gap": (padded - ours).abs().max().item(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

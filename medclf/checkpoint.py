@@ -54,8 +54,18 @@ def rng_name(rank: int) -> str:
 # ---------------------------------------------------------------- saving
 
 
-def save(root: str, step: int, accelerator: Any, *, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-         state: dict, spec_yaml: str, keep_last: int) -> str:
+def save(
+    root: str,
+    step: int,
+    accelerator: Any,
+    *,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    state: dict,
+    spec_yaml: str,
+    keep_last: int,
+) -> str:
     """Every rank calls this at the same step; returns the checkpoint URL once it is complete."""
     url = step_url(root, step)
     main = accelerator.is_main_process
@@ -86,8 +96,9 @@ def save(root: str, step: int, accelerator: Any, *, model: torch.nn.Module, opti
         for rank in range(1, accelerator.num_processes):
             written[rng_name(rank)] = storage.read_bytes(storage.join(url, rng_name(rank)))
         _test_pause(url)
-        files = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-                 for name, data in written.items()}
+        files = {
+            name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in written.items()
+        }
         storage.write_json(storage.join(url, MANIFEST), {"step": step, "files": dict(sorted(files.items()))})
         storage.write_text(storage.join(root, LATEST), f"step-{step:07d}\n")
         _prune(root, keep_last, step)
@@ -135,8 +146,10 @@ def _rng_bytes() -> bytes:
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda{i}"] = s
     version, words, gauss = random.getstate()
-    meta = {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            "python": [version, list(words), gauss]}
+    meta = {
+        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [version, list(words), gauss],
+    }
     return save_tensors(tensors, metadata={"json": json.dumps(meta)})
 
 
@@ -154,8 +167,10 @@ def encode(obj: Any, tensors: Optional[dict] = None, path: str = "t") -> tuple[A
         tensors[path] = obj.detach().contiguous().cpu()
         return {"__tensor__": path}, tensors
     if isinstance(obj, dict):
-        items = [[encode(k, tensors, f"{path}.k{i}")[0], encode(v, tensors, f"{path}.{i}")[0]]
-                 for i, (k, v) in enumerate(obj.items())]
+        items = [
+            [encode(k, tensors, f"{path}.k{i}")[0], encode(v, tensors, f"{path}.{i}")[0]]
+            for i, (k, v) in enumerate(obj.items())
+        ]
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
             return {k: v for k, v in items}, tensors
         return {"__items__": items}, tensors
@@ -207,7 +222,8 @@ def read_verified(url: str, name: str, manifest: dict) -> bytes:
     data = storage.read_bytes(storage.join(url, name))
     if len(data) != expected["size"]:
         raise MedclfError(
-            f"{storage.join(url, name)}: {len(data)} bytes, manifest says {expected['size']} (truncated?)")
+            f"{storage.join(url, name)}: {len(data)} bytes, manifest says {expected['size']} (truncated?)"
+        )
     if hashlib.sha256(data).hexdigest() != expected["sha256"]:
         raise MedclfError(f"{storage.join(url, name)}: SHA-256 differs from the manifest (file altered)")
     return data
@@ -263,14 +279,17 @@ def load(url: str, accelerator: Any, *, model: torch.nn.Module, optimizer: Any, 
     if name in manifest["files"]:
         _set_rng(read_verified(url, name, manifest))
     else:
-        log.warning("%s: no RNG state for rank %d (saved by fewer ranks); continuing unseeded-exactly",
-                    url, accelerator.process_index)
+        log.warning(
+            "%s: no RNG state for rank %d (saved by fewer ranks); continuing unseeded-exactly",
+            url,
+            accelerator.process_index,
+        )
     return json.loads(read_verified(url, "state.json", manifest))
 
 
 def _metadata(data: bytes) -> dict:
     header_len = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + header_len]).get("__metadata__", {}) or {}
+    return json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}
 
 
 def _set_rng(data: bytes) -> None:

@@ -36,8 +36,12 @@ class Head(nn.Module):
     def __init__(self, hidden_size: int, num_classes: int, dropout: float = 0.2):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden_size, hidden_size),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_size, hidden_size),
+            nn.ReLU(),
+            nn.Dropout(dropout),
             nn.Linear(hidden_size, num_classes),
         )
 
@@ -187,4 +191,3 @@ def load(url: str) -> tuple[Classifier, object, ClassifierInfo]:
         raise MedclfError(f"{url_head}: does not fit the head in classifier.json ({str(e).splitlines()[0]})") from None
     model = Classifier(encoder, head, info.pooling, frozen=True)  # inference only: never trains again
     return model.eval(), tokenizer, info
-

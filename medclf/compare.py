@@ -56,41 +56,67 @@ def run(spec: RunSpec) -> None:
         encoder, tokenizer, where = load_encoder(ref)
         check_max_length(head_cfg.max_length, where, ref, "head.max_length")
         model = Classifier(encoder, Head(encoder.config.hidden_size, len(classes)), head_cfg.pooling, frozen=True)
-        cached = dict(max_length=head_cfg.max_length, batch_size=head_cfg.encode_batch_size, accelerator=accelerator,
-                      cache_dir=storage.join(spec.out, "features"), encoder_fingerprint=fingerprint(where))
+        cached = dict(
+            max_length=head_cfg.max_length,
+            batch_size=head_cfg.encode_batch_size,
+            accelerator=accelerator,
+            cache_dir=storage.join(spec.out, "features"),
+            encoder_fingerprint=fingerprint(where),
+        )
         train_x = features.cached_encode(model, tokenizer, train_df[data.TEXT].tolist(), source=train_url, **cached)
         validation_x = features.cached_encode(
-            model, tokenizer, validation_df[data.TEXT].tolist(), source=validation_url, **cached)
+            model, tokenizer, validation_df[data.TEXT].tolist(), source=validation_url, **cached
+        )
         del model, encoder
         runs[keyword], probs[keyword] = [], np.zeros((len(validation_y), len(classes)))
         for seed in seeds:
             runtime.seed_everything(seed)
-            head = fit(accelerator, Head(train_x.shape[1], len(classes), head_cfg.dropout),
-                       TensorDataset(train_x, torch.tensor(train_y)), epochs=head_cfg.epochs,
-                       batch_size=head_cfg.batch_size, lr=head_cfg.lr, seed=seed)
+            head = fit(
+                accelerator,
+                Head(train_x.shape[1], len(classes), head_cfg.dropout),
+                TensorDataset(train_x, torch.tensor(train_y)),
+                epochs=head_cfg.epochs,
+                batch_size=head_cfg.batch_size,
+                lr=head_cfg.lr,
+                seed=seed,
+            )
             with torch.no_grad():
                 p = torch.softmax(head.eval()(validation_x.to(accelerator.device)).float().cpu(), -1).numpy()
             predicted = p.argmax(1)
-            runs[keyword].append({"seed": seed, "predicted": predicted,
-                                  **evaluate.metrics(classes, validation_y, predicted, label_sets)})
+            runs[keyword].append(
+                {"seed": seed, "predicted": predicted, **evaluate.metrics(classes, validation_y, predicted, label_sets)}
+            )
             probs[keyword] += p / len(seeds)
             log.info("%s seed %d: f1_weighted %.4f", keyword, seed, runs[keyword][-1]["f1_weighted"])
 
     # -- statistics: candidate minus baseline, on the same validation rows
     base, cand = cfg.encoders
     low, high, observed = paired_bootstrap_f1(
-        validation_y, [r["predicted"] for r in runs[base]], [r["predicted"] for r in runs[cand]],
-        len(classes), cfg.bootstrap, spec.seed)
+        validation_y,
+        [r["predicted"] for r in runs[base]],
+        [r["predicted"] for r in runs[cand]],
+        len(classes),
+        cfg.bootstrap,
+        spec.seed,
+    )
     ensemble = {k: probs[k].argmax(1) for k in cfg.encoders}
     test = mcnemar(ensemble[base] == validation_y, ensemble[cand] == validation_y)
-    per_seed = [mcnemar(a["predicted"] == validation_y, b["predicted"] == validation_y)["p_exact"]
-                for a, b in zip(runs[base], runs[cand], strict=True)]
+    per_seed = [
+        mcnemar(a["predicted"] == validation_y, b["predicted"] == validation_y)["p_exact"]
+        for a, b in zip(runs[base], runs[cand], strict=True)
+    ]
     summary = {
         "encoders": dict(zip(cfg.encoders, refs, strict=True)),
         "seeds": seeds,
-        "settings": {"max_length": head_cfg.max_length, "epochs": head_cfg.epochs, "batch_size": head_cfg.batch_size,
-                     "lr": head_cfg.lr, "pooling": head_cfg.pooling, "validation": validation_url,
-                     "validation_rows": len(validation_y)},
+        "settings": {
+            "max_length": head_cfg.max_length,
+            "epochs": head_cfg.epochs,
+            "batch_size": head_cfg.batch_size,
+            "lr": head_cfg.lr,
+            "pooling": head_cfg.pooling,
+            "validation": validation_url,
+            "validation_rows": len(validation_y),
+        },
         "metrics": {k: {m: summarize([r[m] for r in runs[k]]) for m in evaluate.HEADLINE} for k in cfg.encoders},
         "f1_weighted_difference": {"observed": observed, "ci95": [low, high], "resamples": cfg.bootstrap},
         "mcnemar_seed_averaged": test,
@@ -126,22 +152,33 @@ def weighted_f1(y: np.ndarray, predicted: np.ndarray, weights: np.ndarray, num_c
     return total / weights.sum(1)
 
 
-def paired_bootstrap_f1(y: np.ndarray, baseline: list[np.ndarray], candidate: list[np.ndarray],
-                        num_classes: int, resamples: int, seed: int, chunk: int = 1000) -> tuple[float, float, float]:
+def paired_bootstrap_f1(
+    y: np.ndarray,
+    baseline: list[np.ndarray],
+    candidate: list[np.ndarray],
+    num_classes: int,
+    resamples: int,
+    seed: int,
+    chunk: int = 1000,
+) -> tuple[float, float, float]:
     """95% percentile interval of mean-over-seeds weighted F1, candidate minus baseline.
 
     Each resample draws validation rows with replacement and scores both encoders (all their
     seeds) on the same draw, so the interval reflects the paired difference, not two noises.
     """
     n = len(y)
-    observed = float(np.mean([weighted_f1(y, p, np.ones(n), num_classes)[0] for p in candidate])
-                     - np.mean([weighted_f1(y, p, np.ones(n), num_classes)[0] for p in baseline]))
+    observed = float(
+        np.mean([weighted_f1(y, p, np.ones(n), num_classes)[0] for p in candidate])
+        - np.mean([weighted_f1(y, p, np.ones(n), num_classes)[0] for p in baseline])
+    )
     rng = np.random.default_rng(seed)
     differences = []
     for start in range(0, resamples, chunk):
         weights = rng.multinomial(n, np.full(n, 1.0 / n), size=min(chunk, resamples - start))
-        score = {name: np.mean([weighted_f1(y, p, weights, num_classes) for p in preds], axis=0)
-                 for name, preds in (("b", baseline), ("c", candidate))}
+        score = {
+            name: np.mean([weighted_f1(y, p, weights, num_classes) for p in preds], axis=0)
+            for name, preds in (("b", baseline), ("c", candidate))
+        }
         differences.append(score["c"] - score["b"])
     low, high = np.percentile(np.concatenate(differences), [2.5, 97.5])
     return float(low), float(high), observed
@@ -178,13 +215,17 @@ def verdict(base: str, cand: str, summary: dict) -> str:
     if low > 0 and p < 0.05:
         return f"Yes, {subject} helped: {evidence}."
     if low > 0:
-        return (f"Probably, {subject} helped a little: the F1 interval excludes zero "
-                f"but McNemar's test does not confirm it; {evidence}.")
+        return (
+            f"Probably, {subject} helped a little: the F1 interval excludes zero "
+            f"but McNemar's test does not confirm it; {evidence}."
+        )
     if high < 0 and p < 0.05:
         return f"No, {subject} hurt: {evidence}."
     if high < 0:
-        return (f"No, and if anything {subject} hurt a little: the F1 interval is below zero "
-                f"but McNemar's test does not confirm it; {evidence}.")
+        return (
+            f"No, and if anything {subject} hurt a little: the F1 interval is below zero "
+            f"but McNemar's test does not confirm it; {evidence}."
+        )
     return f"No clear evidence that {subject} helped: the F1 interval includes zero; {evidence}."
 
 
@@ -192,19 +233,25 @@ def comparison_markdown(summary: dict) -> str:
     names = list(summary["encoders"])
     s = summary["settings"]
     lines = [
-        "# Comparison: " + " vs ".join(names), "",
-        summary["verdict"], "",
+        "# Comparison: " + " vs ".join(names),
+        "",
+        summary["verdict"],
+        "",
         f"Heads trained with seeds {summary['seeds']} on cached features; max_length {s['max_length']}, "
         f"{s['epochs']} epochs, batch {s['batch_size']}, lr {s['lr']}, pooling {s['pooling']}; "
-        f"scored on {s['validation_rows']} rows of {s['validation']}.", "",
-        "| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+        f"scored on {s['validation_rows']} rows of {s['validation']}.",
+        "",
+        "| metric | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
     ]
     for m in evaluate.HEADLINE:
         cells = [f"{summary['metrics'][k][m]['mean']:.4f} ± {summary['metrics'][k][m]['sd']:.4f}" for k in names]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     diff, test = summary["f1_weighted_difference"], summary["mcnemar_seed_averaged"]
     lines += [
-        "", "Encoders: " + "; ".join(f"{k} = {v}" for k, v in summary["encoders"].items()), "",
+        "",
+        "Encoders: " + "; ".join(f"{k} = {v}" for k, v in summary["encoders"].items()),
+        "",
         f"- Weighted-F1 difference ({names[1]} − {names[0]}, mean over seeds): {diff['observed']:+.4f}, "
         f"paired bootstrap 95% CI [{diff['ci95'][0]:+.4f}, {diff['ci95'][1]:+.4f}] ({diff['resamples']} resamples).",
         f"- McNemar on seed-averaged predictions: only {names[0]} right {test['baseline_only_correct']}, "

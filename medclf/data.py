@@ -62,7 +62,7 @@ def text_id(text: str) -> str:
 def read_labels(url: str) -> list[str]:
     labels = storage.read_json(url)
     if not isinstance(labels, dict) or not isinstance(labels.get("classes"), list):
-        raise MedclfError(f"{url}: expected {{\"classes\": [...]}}")
+        raise MedclfError(f'{url}: expected {{"classes": [...]}}')
     return [str(c) for c in labels["classes"]]
 
 

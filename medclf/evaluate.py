@@ -55,42 +55,63 @@ def run(spec: RunSpec) -> None:
     texts = df[data.TEXT].tolist()
     if info.frozen:
         vectors = features.cached_encode(
-            model, tokenizer, texts, max_length=info.max_length, batch_size=cfg.batch_size, accelerator=accelerator,
-            cache_dir=storage.join(spec.out, "features"), encoder_fingerprint=info.encoder_fingerprint,
-            source=data_url)
+            model,
+            tokenizer,
+            texts,
+            max_length=info.max_length,
+            batch_size=cfg.batch_size,
+            accelerator=accelerator,
+            cache_dir=storage.join(spec.out, "features"),
+            encoder_fingerprint=info.encoder_fingerprint,
+            source=data_url,
+        )
     else:
         vectors = features.encode(model, tokenizer, texts, info.max_length, cfg.batch_size, accelerator)
     with torch.no_grad():
         predicted = model.head(vectors.to(accelerator.device)).argmax(-1).cpu().numpy()
 
     if accelerator.is_main_process:
-        write_report(out, f"{model_url} on {data_url}", info.classes, y, predicted,
-                     note_labels(spec.out, df), about={"model": model_url, "data": data_url})
+        write_report(
+            out,
+            f"{model_url} on {data_url}",
+            info.classes,
+            y,
+            predicted,
+            note_labels(spec.out, df),
+            about={"model": model_url, "data": data_url},
+        )
     accelerator.wait_for_everyone()
 
 
 # ---------------------------------------------------------------- metrics
 
 
-def metrics(classes: list[str], y_true: np.ndarray, y_pred: np.ndarray,
-            label_sets: Optional[list[set[str]]] = None) -> dict:
+def metrics(
+    classes: list[str], y_true: np.ndarray, y_pred: np.ndarray, label_sets: Optional[list[set[str]]] = None
+) -> dict:
     """The headline numbers, the per-class report and the confusion matrix (rows: true, columns: predicted)."""
     labels = list(range(len(classes)))
     p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="weighted", zero_division=0)
     per_p, per_r, per_f, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, average=None, zero_division=0)
+        y_true, y_pred, labels=labels, average=None, zero_division=0
+    )
     result = {
         "rows": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "precision_weighted": float(p),
         "recall_weighted": float(r),
         "f1_weighted": float(f),
-        "f1_macro": float(precision_recall_fscore_support(
-            y_true, y_pred, labels=labels, average="macro", zero_division=0)[2]),
+        "f1_macro": float(
+            precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro", zero_division=0)[2]
+        ),
         "any_label_accuracy": None,
         "per_class": {
-            c: {"precision": float(per_p[i]), "recall": float(per_r[i]), "f1": float(per_f[i]),
-                "support": int(support[i])}
+            c: {
+                "precision": float(per_p[i]),
+                "recall": float(per_r[i]),
+                "f1": float(per_f[i]),
+                "support": int(support[i]),
+            }
             for i, c in enumerate(classes)
         },
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
@@ -120,8 +141,15 @@ def note_labels(out: str, df: pd.DataFrame) -> list[set[str]]:
 # ---------------------------------------------------------------- the report
 
 
-def write_report(out: str, title: str, classes: list[str], y_true: np.ndarray, y_pred: np.ndarray,
-                 label_sets: Optional[list[set[str]]], about: dict) -> dict:
+def write_report(
+    out: str,
+    title: str,
+    classes: list[str],
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    label_sets: Optional[list[set[str]]],
+    about: dict,
+) -> dict:
     """metrics.json, report.md and confusion.png under `out`; returns the metrics."""
     result = metrics(classes, y_true, y_pred, label_sets)
     storage.write_json(storage.join(out, "metrics.json"), {**about, **result})
@@ -141,8 +169,10 @@ def report_markdown(title: str, classes: list[str], result: dict) -> str:
         lines.append(f"| {c} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | {row['support']} |")
     lines += ["", "Confusion matrix (rows: true class, columns: predicted), also in confusion.png:", ""]
     lines += ["| true \\ predicted | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
-    lines += [f"| {c} | " + " | ".join(str(v) for v in row) + " |"
-              for c, row in zip(classes, result["confusion_matrix"], strict=True)]
+    lines += [
+        f"| {c} | " + " | ".join(str(v) for v in row) + " |"
+        for c, row in zip(classes, result["confusion_matrix"], strict=True)
+    ]
     return "\n".join(lines) + "\n"
 
 

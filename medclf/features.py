@@ -76,8 +76,13 @@ def encode(
     # Tokenized a slice at a time, keeping only the ids: a fast tokenizer holds every token of a
     # long note (offsets, the truncated overflow) until its output is freed, ~90 MB per 1,000 notes.
     texts_mine = list(distinct[mine])
-    ids = [x for begin in range(0, len(texts_mine), TOKENIZE_SLICE) for x in tokenizer(
-        texts_mine[begin:begin + TOKENIZE_SLICE], truncation=True, max_length=max_length)["input_ids"]]
+    ids = [
+        x
+        for begin in range(0, len(texts_mine), TOKENIZE_SLICE)
+        for x in tokenizer(texts_mine[begin : begin + TOKENIZE_SLICE], truncation=True, max_length=max_length)[
+            "input_ids"
+        ]
+    ]
     batches = (
         length_sorted_batches([len(x) for x in ids], batch_size)
         if sort_by_length
@@ -111,7 +116,12 @@ def encode(
     seconds = time.perf_counter() - started
     log.info(
         "encoded %d distinct texts (%d rows) in %.1f s on %d process(es); rank %d: %.0f tokens/s",
-        len(distinct), len(texts), seconds, world, rank, tokens / max(seconds, 1e-9),
+        len(distinct),
+        len(texts),
+        seconds,
+        world,
+        rank,
+        tokens / max(seconds, 1e-9),
     )
     return everything[torch.as_tensor(codes, dtype=torch.long)]
 
@@ -147,8 +157,11 @@ def cached_encode(
     vectors = encode(model, tokenizer, texts, max_length, batch_size, accelerator)
     if accelerator.is_main_process:
         metadata = {
-            "source": source, "encoder_fingerprint": encoder_fingerprint,
-            "max_length": str(max_length), "pooling": model.pooling, "rows": str(len(texts)),
+            "source": source,
+            "encoder_fingerprint": encoder_fingerprint,
+            "max_length": str(max_length),
+            "pooling": model.pooling,
+            "rows": str(len(texts)),
         }
         storage.write_bytes(url, save_safetensors({"features": vectors.contiguous()}, metadata=metadata))
         log.info("features of %s cached at %s", source, url)

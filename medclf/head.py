@@ -48,47 +48,85 @@ def run(spec: RunSpec) -> None:
     runtime.seed_everything(seed)
     head = Head(encoder.config.hidden_size, len(classes), cfg.dropout)
     model = Classifier(encoder, head, cfg.pooling, frozen=cfg.freeze)
-    log.info("head-%s: encoder %s, %d classes, %s, seed %d", name, ref, len(classes),
-             "frozen (cached features)" if cfg.freeze else "fine-tuning everything", seed)
+    log.info(
+        "head-%s: encoder %s, %d classes, %s, seed %d",
+        name,
+        ref,
+        len(classes),
+        "frozen (cached features)" if cfg.freeze else "fine-tuning everything",
+        seed,
+    )
 
     if cfg.freeze:
         # -- frozen: encode every distinct text once, then train the head on the vectors
         encoder_fingerprint = fingerprint(where)
-        cached = dict(max_length=cfg.max_length, batch_size=cfg.encode_batch_size, accelerator=accelerator,
-                      cache_dir=storage.join(spec.out, "features"), encoder_fingerprint=encoder_fingerprint)
+        cached = dict(
+            max_length=cfg.max_length,
+            batch_size=cfg.encode_batch_size,
+            accelerator=accelerator,
+            cache_dir=storage.join(spec.out, "features"),
+            encoder_fingerprint=encoder_fingerprint,
+        )
         train_x = features.cached_encode(model, tokenizer, train_df[data.TEXT].tolist(), source=train_url, **cached)
         validation_x = features.cached_encode(
-            model, tokenizer, validation_df[data.TEXT].tolist(), source=validation_url, **cached)
-        head = fit(accelerator, head, TensorDataset(train_x, torch.tensor(train_y)),
-                   epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
-                   validation=(validation_x, validation_y))
+            model, tokenizer, validation_df[data.TEXT].tolist(), source=validation_url, **cached
+        )
+        head = fit(
+            accelerator,
+            head,
+            TensorDataset(train_x, torch.tensor(train_y)),
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            seed=seed,
+            validation=(validation_x, validation_y),
+        )
         with torch.no_grad():
             probs = torch.softmax(head.eval()(validation_x.to(accelerator.device)).float().cpu(), -1).numpy()
     else:
         # -- fine-tuning: the loop runs through the encoder, every batch, every epoch
         encoder_fingerprint = ""
         train_ids = tokenizer(train_df[data.TEXT].tolist(), truncation=True, max_length=cfg.max_length)["input_ids"]
-        model = fit(accelerator, model, Notes(train_ids, train_y, tokenizer.pad_token_id),
-                    epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)
+        model = fit(
+            accelerator,
+            model,
+            Notes(train_ids, train_y, tokenizer.pad_token_id),
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            seed=seed,
+        )
         head = model.head
-        vectors = features.encode(model, tokenizer, validation_df[data.TEXT].tolist(), cfg.max_length,
-                                  cfg.encode_batch_size, accelerator)
+        vectors = features.encode(
+            model, tokenizer, validation_df[data.TEXT].tolist(), cfg.max_length, cfg.encode_batch_size, accelerator
+        )
         with torch.no_grad():
             probs = torch.softmax(head.eval()(vectors.to(accelerator.device)).float().cpu(), -1).numpy()
 
     # -- save the classifier (main process), then its report on the validation split
     if accelerator.is_main_process:
         info = ClassifierInfo(
-            classes=classes, encoder="encoder" if not cfg.freeze else portable(ref),
-            encoder_fingerprint=encoder_fingerprint, pooling=cfg.pooling, max_length=cfg.max_length,
-            hidden_size=encoder.config.hidden_size, dropout=cfg.dropout, frozen=cfg.freeze,
+            classes=classes,
+            encoder="encoder" if not cfg.freeze else portable(ref),
+            encoder_fingerprint=encoder_fingerprint,
+            pooling=cfg.pooling,
+            max_length=cfg.max_length,
+            hidden_size=encoder.config.hidden_size,
+            dropout=cfg.dropout,
+            frozen=cfg.freeze,
         )
-        save(storage.join(out, "model"), head, info,
-             encoder=None if cfg.freeze else model.encoder, tokenizer=tokenizer)
+        save(storage.join(out, "model"), head, info, encoder=None if cfg.freeze else model.encoder, tokenizer=tokenizer)
         storage.write_text(storage.join(out, "spec.yaml"), config.to_yaml(spec))
         label_sets = evaluate.note_labels(spec.out, validation_df)
-        evaluate.write_report(out, f"head-{name} on {validation_url}", classes, validation_y,
-                              probs.argmax(1), label_sets, about={"encoder": ref, "seed": seed, "freeze": cfg.freeze})
+        evaluate.write_report(
+            out,
+            f"head-{name} on {validation_url}",
+            classes,
+            validation_y,
+            probs.argmax(1),
+            label_sets,
+            about={"encoder": ref, "seed": seed, "freeze": cfg.freeze},
+        )
     accelerator.wait_for_everyone()
 
 
@@ -113,8 +151,13 @@ def fit(
         raise MedclfError(f"head.batch_size={batch_size} is not a multiple of the {world} processes")
     runtime.seed_everything(seed)
     order = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size // world, shuffle=True, generator=order,
-                        collate_fn=getattr(dataset, "collate", None))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size // world,
+        shuffle=True,
+        generator=order,
+        collate_fn=getattr(dataset, "collate", None),
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     loss_fn = nn.CrossEntropyLoss()

@@ -54,7 +54,7 @@ def token_stream(texts: list[str], tokenizer, cache_dir: str) -> tuple[torch.Ten
         return cached["input_ids"], cached["word_start"]
     ids, starts = [], []
     for begin in range(0, len(texts), 256):
-        enc = tokenizer(texts[begin:begin + 256], add_special_tokens=False, verbose=False)
+        enc = tokenizer(texts[begin : begin + 256], add_special_tokens=False, verbose=False)
         for i, piece_ids in enumerate(enc["input_ids"]):
             word_ids = enc.word_ids(i) if enc.is_fast else [None] * len(piece_ids)
             first = [w is None or j == 0 or w != word_ids[j - 1] for j, w in enumerate(word_ids)]

@@ -33,8 +33,16 @@ from medclf.masking import IGNORE, Masker, epoch_order, pack, token_stream
 log = logging.getLogger(__name__)
 
 # Keys that shape the trajectory: a checkpoint made with other values cannot be continued.
-RESUME_KEYS = ("model", "train", "extra_text", "text_column", "max_length", "mlm_probability",
-               "whole_word_masking", "batch_size")
+RESUME_KEYS = (
+    "model",
+    "train",
+    "extra_text",
+    "text_column",
+    "max_length",
+    "mlm_probability",
+    "whole_word_masking",
+    "batch_size",
+)
 # Test hook: seconds to sleep after every step, so a test can signal a run that is mid-training.
 STEP_SLEEP_ENV = "MEDCLF_TEST_STEP_SLEEP"
 
@@ -127,7 +135,8 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
     if cfg.resume == "never":
         if checkpoint.list_steps(checkpoints) and not spec.overwrite:
             raise MedclfError(
-                f"{checkpoints}: checkpoints exist; resume=auto continues them, overwrite=true starts over")
+                f"{checkpoints}: checkpoints exist; resume=auto continues them, overwrite=true starts over"
+            )
     elif cfg.resume == "auto":
         found = checkpoint.find_latest(checkpoints) if main else None
         chosen = broadcast(torch.tensor([int(found.rsplit("-", 1)[1]) if found else -1], device=accelerator.device))
@@ -150,31 +159,54 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
     steps_per_epoch = len(blocks) // cfg.batch_size
     if steps_per_epoch == 0:
         raise MedclfError(
-            f"mlm.batch_size: {cfg.batch_size} blocks per step, but the training text fills only {len(blocks)}")
+            f"mlm.batch_size: {cfg.batch_size} blocks per step, but the training text fills only {len(blocks)}"
+        )
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     # Random replacement tokens come from the ids both the tokenizer and the embedding know.
-    masker = Masker(tokenizer.mask_token_id, min(len(tokenizer), model_config.vocab_size), tokenizer.all_special_ids,
-                    cfg.mlm_probability, cfg.whole_word_masking)
+    masker = Masker(
+        tokenizer.mask_token_id,
+        min(len(tokenizer), model_config.vocab_size),
+        tokenizer.all_special_ids,
+        cfg.mlm_probability,
+        cfg.whole_word_masking,
+    )
     val_blocks, val_block_starts = pack(val_ids, cfg.max_length), pack(val_starts, cfg.max_length)
     val_blocks, val_block_starts = val_blocks[: cfg.eval_blocks], val_block_starts[: cfg.eval_blocks]
     if len(val_blocks) == 0:
         raise MedclfError(f"{validation_url}: too little text for one block of mlm.max_length={cfg.max_length} tokens")
     val_inputs, val_labels = masker.batch(val_blocks, val_block_starts, range(len(val_blocks)), cfg.eval_seed, epoch=-1)
-    log.info("train: %d blocks of %d tokens, %d steps/epoch, %d steps; validation: %d blocks; "
-             "%d process(es) × %d micro-batches",
-             len(blocks), cfg.max_length, steps_per_epoch, total_steps, len(val_blocks), world, accumulation)
+    log.info(
+        "train: %d blocks of %d tokens, %d steps/epoch, %d steps; validation: %d blocks; "
+        "%d process(es) × %d micro-batches",
+        len(blocks),
+        cfg.max_length,
+        steps_per_epoch,
+        total_steps,
+        len(val_blocks),
+        world,
+        accumulation,
+    )
 
     # -- model: a checkpoint without masked-LM head weights (MiniLM) gets a fresh head
     hf_model, loading = AutoModelForMaskedLM.from_pretrained(model_path, output_loading_info=True)
     if loading["missing_keys"]:
-        log.warning("%s has no masked-LM head weights; initialised %d tensors (%s)", cfg.model,
-                    len(loading["missing_keys"]), ", ".join(sorted(loading["missing_keys"])[:4]))
+        log.warning(
+            "%s has no masked-LM head weights; initialised %d tensors (%s)",
+            cfg.model,
+            len(loading["missing_keys"]),
+            ", ".join(sorted(loading["missing_keys"])[:4]),
+        )
     model = MaskedLM(hf_model)
 
     # -- optimizer (no decay on biases and LayerNorm weights: the 1-d parameters) and schedule
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = adamw([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                       {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)
+    optimizer = adamw(
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+    )
     scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
     # The scheduler stays unprepared: Accelerate would step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -188,8 +220,10 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
         state = checkpoint.load(resume_url, accelerator, model=raw.model, optimizer=optimizer, scheduler=scheduler)
         changed = [f"{k}={state['run'][k]!r} there, {v!r} now" for k, v in run_keys.items() if state["run"].get(k) != v]
         if changed:
-            raise MedclfError(f"{resume_url}: made with other settings ({'; '.join(changed)}); "
-                              "resume=never overwrite=true starts over")
+            raise MedclfError(
+                f"{resume_url}: made with other settings ({'; '.join(changed)}); "
+                "resume=never overwrite=true starts over"
+            )
         step = state["step"]
         log.info("resumed from %s at step %d (epoch %d)", resume_url, step, step // steps_per_epoch)
     if cfg.report_to != "none":
@@ -200,15 +234,29 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
 
     if state["val_before"] is None:
         state["val_before"] = evaluate()
-        log.info("validation before: loss %.4f, perplexity %.2f",
-                 state["val_before"]["loss"], state["val_before"]["perplexity"])
+        log.info(
+            "validation before: loss %.4f, perplexity %.2f",
+            state["val_before"]["loss"],
+            state["val_before"]["perplexity"],
+        )
 
     def save(at_step: int) -> str:
-        return checkpoint.save(checkpoints, at_step, accelerator, model=raw.model, optimizer=optimizer,
-                               scheduler=scheduler, spec_yaml=config.to_yaml(spec),
-                               state={**state, "run": run_keys, "epoch": at_step // steps_per_epoch,
-                                      "blocks_done_in_epoch": at_step % steps_per_epoch * cfg.batch_size},
-                               keep_last=cfg.keep_last)
+        return checkpoint.save(
+            checkpoints,
+            at_step,
+            accelerator,
+            model=raw.model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            spec_yaml=config.to_yaml(spec),
+            state={
+                **state,
+                "run": run_keys,
+                "epoch": at_step // steps_per_epoch,
+                "blocks_done_in_epoch": at_step % steps_per_epoch * cfg.batch_size,
+            },
+            keep_last=cfg.keep_last,
+        )
 
     # -- the loop: one global batch per step, split into this rank's micro-batches
     tokens_per_step = cfg.batch_size * cfg.max_length
@@ -221,7 +269,7 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
         epoch, position = divmod(step, steps_per_epoch)
         if order_epoch != epoch:
             order, order_epoch = epoch_order(len(blocks), spec.seed, epoch), epoch
-        indices = order[position * cfg.batch_size:(position + 1) * cfg.batch_size]
+        indices = order[position * cfg.batch_size : (position + 1) * cfg.batch_size]
         inputs, labels = masker.batch(blocks, starts, indices, spec.seed, epoch)
         masked = max(int((labels != IGNORE).sum()), 1)
         # DDP averages gradients over ranks and backward() divides by the accumulation: undo both,
@@ -282,18 +330,27 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
             raw.model.save_pretrained(local)
             tokenizer.save_pretrained(local)
             checkpoint.publish_dir(local, model_url)
-        recent = [h[1] for h in state["history"][-cfg.log_every:]]
-        storage.write_json(storage.join(out, "metrics.json"), {
-            "model": cfg.model, "world_size": world, "steps": step, "epochs": step / steps_per_epoch,
-            "global_batch_blocks": cfg.batch_size, "max_length": cfg.max_length,
-            "train_blocks": len(blocks), "validation_blocks": len(val_blocks),
-            "first_step_loss": state["first_step_loss"],
-            "train_loss": sum(recent) / len(recent) if recent else None,
-            "val_before": state["val_before"], "val_after": val_after,
-            "tokens_per_s": step * tokens_per_step / state["train_seconds"] if state["train_seconds"] else None,
-            "train_seconds": state["train_seconds"],
-            "history": state["history"],
-        })
+        recent = [h[1] for h in state["history"][-cfg.log_every :]]
+        storage.write_json(
+            storage.join(out, "metrics.json"),
+            {
+                "model": cfg.model,
+                "world_size": world,
+                "steps": step,
+                "epochs": step / steps_per_epoch,
+                "global_batch_blocks": cfg.batch_size,
+                "max_length": cfg.max_length,
+                "train_blocks": len(blocks),
+                "validation_blocks": len(val_blocks),
+                "first_step_loss": state["first_step_loss"],
+                "train_loss": sum(recent) / len(recent) if recent else None,
+                "val_before": state["val_before"],
+                "val_after": val_after,
+                "tokens_per_s": step * tokens_per_step / state["train_seconds"] if state["train_seconds"] else None,
+                "train_seconds": state["train_seconds"],
+                "history": state["history"],
+            },
+        )
         log.info("wrote %s and %s", model_url, storage.join(out, "metrics.json"))
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -320,7 +377,7 @@ def _evaluate(model, inputs: torch.Tensor, labels: torch.Tensor, accelerator, mi
     mine = np.arange(accelerator.process_index, len(inputs), accelerator.num_processes)
     with torch.no_grad(), accelerator.autocast():
         for begin in range(0, len(mine), micro_batch):
-            rows = torch.from_numpy(mine[begin:begin + micro_batch])
+            rows = torch.from_numpy(mine[begin : begin + micro_batch])
             batch_labels = labels[rows].to(accelerator.device)
             totals[0] += raw(inputs[rows].to(accelerator.device), batch_labels).double()
             totals[1] += (batch_labels != IGNORE).sum()

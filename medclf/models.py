@@ -19,7 +19,15 @@ from medclf.errors import MedclfError
 
 # Encoders whose [CLS] vector, masked-LM head and WordPiece tokenizer fit this project.
 BERT_FAMILY = {
-    "bert", "roberta", "distilbert", "electra", "deberta", "deberta-v2", "xlm-roberta", "camembert", "modernbert",
+    "bert",
+    "roberta",
+    "distilbert",
+    "electra",
+    "deberta",
+    "deberta-v2",
+    "xlm-roberta",
+    "camembert",
+    "modernbert",
 }
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")

@@ -75,8 +75,8 @@ def _chunks(source, url: str, text_column: str, chunk_rows: int):
             if text_column not in chunk.columns:
                 raise MedclfError(
                     f"{url}: missing column {text_column} (has: {', '.join(map(str, chunk.columns))}); "
-                    "set predict.text_column")
+                    "set predict.text_column"
+                )
             yield chunk
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise MedclfError(f"{url}: not a readable UTF-8 CSV ({' '.join(str(e).split())})") from None
-

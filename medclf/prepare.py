@@ -1,6 +1,6 @@
 """The prepare job: raw MTSamples CSV -> train.csv, validation.csv, labels.json, stats.json.
 
-    medclf prepare jobs/mtsamples.yaml prepare.input=s3://bucket/mtsamples.csv
+medclf prepare jobs/mtsamples.yaml prepare.input=s3://bucket/mtsamples.csv
 """
 
 from __future__ import annotations
@@ -77,6 +77,9 @@ def run(spec: RunSpec) -> None:
     storage.write_json(storage.join(out, "stats.json"), stats)
     log.info(
         "wrote %s: %d train / %d validation rows, %d classes, %d texts on both sides",
-        out, len(train), len(validation), len(classes), stats["texts_shared_between_splits"],
+        out,
+        len(train),
+        len(validation),
+        len(classes),
+        stats["texts_shared_between_splits"],
     )
-

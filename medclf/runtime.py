@@ -42,7 +42,9 @@ def make_accelerator(
     )
     log.info(
         "accelerator: %d process(es), device %s, mixed precision %s",
-        accelerator.num_processes, accelerator.device, accelerator.mixed_precision,
+        accelerator.num_processes,
+        accelerator.device,
+        accelerator.mixed_precision,
     )
     return accelerator
 
@@ -130,4 +132,3 @@ class StopSignal:
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
-

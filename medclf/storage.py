@@ -81,8 +81,9 @@ def _bounded_session() -> type:
     from aiobotocore.httpsession import AIOHTTPSession
 
     def bounded(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=timeout.sock_read, sock_connect=timeout.sock_connect,
-                                     sock_read=timeout.sock_read)
+        return aiohttp.ClientTimeout(
+            total=timeout.sock_read, sock_connect=timeout.sock_connect, sock_read=timeout.sock_read
+        )
 
     class BoundedSession(AIOHTTPSession):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -122,7 +123,7 @@ def is_local(url: str) -> bool:
 
 
 def local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
+    return url[len("file://") :] if url.startswith("file://") else url
 
 
 # ---------------------------------------------------------------- reading
@@ -266,7 +267,8 @@ class _Upload:
             log.warning(
                 "%s: could not abort its unfinished multipart upload (%s); "
                 "a bucket lifecycle rule (AbortIncompleteMultipartUpload) removes such leftovers",
-                self.url, describe_error(e),
+                self.url,
+                describe_error(e),
             )
         self.file.closed = True  # never closed (= committed) later, e.g. when garbage collected
 
@@ -387,7 +389,7 @@ def download_dir(url: str, local_dir: str) -> str:
     os.makedirs(local_dir, exist_ok=True)
     root = path.rstrip("/")
     for remote in files:
-        rel = remote[len(root):].lstrip("/")
+        rel = remote[len(root) :].lstrip("/")
         dest = os.path.join(local_dir, *rel.split("/"))
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         with reported(url, "download failed: "):

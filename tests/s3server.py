@@ -42,8 +42,11 @@ class S3Server:
         import boto3
 
         return boto3.client(
-            "s3", endpoint_url=self.endpoint, region_name=REGION,
-            aws_access_key_id=key or self.key, aws_secret_access_key=secret or self.secret,
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=REGION,
+            aws_access_key_id=key or self.key,
+            aws_secret_access_key=secret or self.secret,
         )
 
     def freeze(self) -> None:
@@ -105,7 +108,8 @@ def start_server() -> S3Server:
     endpoint = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
         ["moto_server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 20
     while True:
@@ -121,8 +125,9 @@ def start_server() -> S3Server:
     # One IAM user allowed everything, whose key is the one to sign with when auth is required.
     import boto3
 
-    iam = boto3.client("iam", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="setup",
-                       aws_secret_access_key="setup")
+    iam = boto3.client(
+        "iam", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="setup", aws_secret_access_key="setup"
+    )
     iam.create_user(UserName="medclf")
     iam.put_user_policy(UserName="medclf", PolicyName="all", PolicyDocument=json.dumps(ALLOW_ALL))
     access = iam.create_access_key(UserName="medclf")["AccessKey"]
@@ -181,4 +186,3 @@ def s3(s3_server: S3Server, monkeypatch) -> Iterator[S3Bucket]:
     yield bucket
     s3_server.thaw()
     clear_fsspec_cache()
-

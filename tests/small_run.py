@@ -8,8 +8,9 @@ import shutil
 import pandas as pd
 
 
-def make_small_run(out: pathlib.Path, prepared: pathlib.Path, train_notes: int = 40,
-                   validation_notes: int = 16) -> pathlib.Path:
+def make_small_run(
+    out: pathlib.Path, prepared: pathlib.Path, train_notes: int = 40, validation_notes: int = 16
+) -> pathlib.Path:
     """<out>/prepare/ with the first N distinct notes of each split (all their copies, so some texts repeat)."""
     (out / "prepare").mkdir(parents=True, exist_ok=True)
     for name, notes in (("train.csv", train_notes), ("validation.csv", validation_notes)):

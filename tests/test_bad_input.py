@@ -42,8 +42,11 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
 
 def tree(folder: Path) -> dict[str, str]:
     """Every file under `folder` (hidden temporaries included) with the SHA-256 of its content."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def make_classifier(folder: Path, encoder: Path, classes: list[str], max_length: int = 32) -> Path:
@@ -51,9 +54,16 @@ def make_classifier(folder: Path, encoder: Path, classes: list[str], max_length:
     _, _, where = classifier.load_encoder(str(encoder))
     runtime.seed_everything(0)
     head = classifier.Head(32, len(classes))
-    info = classifier.ClassifierInfo(classes=classes, encoder=str(encoder), pooling="cls", max_length=max_length,
-                                     encoder_fingerprint=classifier.fingerprint(where), hidden_size=32, dropout=0.2,
-                                     frozen=True)
+    info = classifier.ClassifierInfo(
+        classes=classes,
+        encoder=str(encoder),
+        pooling="cls",
+        max_length=max_length,
+        encoder_fingerprint=classifier.fingerprint(where),
+        hidden_size=32,
+        dropout=0.2,
+        frozen=True,
+    )
     classifier.save(str(folder), head, info)
     return folder
 
@@ -79,6 +89,7 @@ def edit_csv(name: str, change: Callable[[pd.DataFrame], pd.DataFrame]) -> Calla
     def apply(run: Path) -> None:
         path = run / name
         change(pd.read_csv(path, dtype=str, keep_default_na=False)).to_csv(path, index=False)
+
     return apply
 
 
@@ -86,6 +97,7 @@ def set_cell(column: str, row: int, value: str) -> Callable[[pd.DataFrame], pd.D
     def change(df: pd.DataFrame) -> pd.DataFrame:
         df.loc[row, column] = value
         return df
+
     return change
 
 
@@ -101,6 +113,7 @@ def not_utf8(name: str) -> Callable[[Path], None]:
     def apply(run: Path) -> None:
         data = (run / name).read_bytes()
         (run / name).write_bytes(data[:200] + b"\xff\xfe" + data[200:])
+
     return apply
 
 
@@ -108,12 +121,14 @@ def write(name: str, text: str) -> Callable[[Path], None]:
     def apply(run: Path) -> None:
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text(text)
+
     return apply
 
 
 def publish(source: str, target: str) -> Callable[[Path], None]:
     def apply(run: Path) -> None:
         checkpoint.publish_dir(str(run / source), str(run / target))
+
     return apply
 
 
@@ -122,6 +137,7 @@ def other_classifier(classes: Optional[list[str]] = None, max_length: int = 32) 
         info = json.loads((run / "classifier" / "classifier.json").read_text())
         shutil.rmtree(run / "classifier")
         make_classifier(run / "classifier", Path(info["encoder"]), classes or info["classes"], max_length)
+
     return apply
 
 
@@ -130,10 +146,22 @@ PREPARE = ["prepare", "out={run}/new", "prepare.input={run}/raw.csv"]
 MLM = ["mlm", "out={run}", "mlm.model={tiny}", *TINY_MLM]
 HEAD = ["head", "out={run}", "mlm.model={tiny}", *TINY_HEAD]
 EVALUATE = ["evaluate", "out={run}", "evaluate.model={run}/classifier"]
-COMPARE = ["compare", "out={run}", "mlm.model={tiny}", "compare.encoders=[pretrained, {tiny}]", "compare.seeds=1",
-           "compare.bootstrap=10", *TINY_HEAD]
-PREDICT = ["predict", "predict.model={run}/classifier", "predict.input={run}/notes.csv",
-           "predict.output={run}/pred.csv", "predict.chunk_rows=5"]
+COMPARE = [
+    "compare",
+    "out={run}",
+    "mlm.model={tiny}",
+    "compare.encoders=[pretrained, {tiny}]",
+    "compare.seeds=1",
+    "compare.bootstrap=10",
+    *TINY_HEAD,
+]
+PREDICT = [
+    "predict",
+    "predict.model={run}/classifier",
+    "predict.input={run}/notes.csv",
+    "predict.output={run}/pred.csv",
+    "predict.chunk_rows=5",
+]
 TRAIN, VALIDATION = "prepare/train.csv", "prepare/validation.csv"
 NO_SUCH_FILE = r"absent\.csv: no such file"
 MISSING_TEXT = r"missing column\(s\) transcription"
@@ -151,65 +179,149 @@ CASES = [
     # mlm
     ("mlm", "missing CSV", [*MLM, "mlm.train={run}/absent.csv"], None, NO_SUCH_FILE),
     ("mlm", "wrong-schema CSV", MLM, edit_csv(TRAIN, drop_text), r"train\.csv: " + MISSING_TEXT),
-    ("mlm", "empty transcription", MLM, edit_csv(TRAIN, set_cell("transcription", 3, " ")),
-     r"train\.csv: row 4: empty transcription"),
+    (
+        "mlm",
+        "empty transcription",
+        MLM,
+        edit_csv(TRAIN, set_cell("transcription", 3, " ")),
+        r"train\.csv: row 4: empty transcription",
+    ),
     ("mlm", "not UTF-8 text", MLM, not_utf8(TRAIN), r"train\.csv: not UTF-8"),
     ("mlm", "not a BERT-family model", [*MLM, "mlm.model={run}/gpt2"], None, r"gpt2: " + NOT_BERT),
     ("mlm", "not a model folder", [*MLM, "mlm.model={run}/prepare"], None, r"prepare: not a model folder"),
     ("mlm", "max_length above positions", [*MLM, "mlm.max_length=256"], None, r"mlm\.max_length: 256 is above"),
     ("mlm", "existing output", MLM, publish("classifier", "mlm/model"), r"mlm/model: output exists"),
-    ("mlm", "unwritable output", [*MLM, "out={run}/blocked/run", "mlm.train={run}/" + TRAIN,
-                                  "mlm.validation={run}/" + VALIDATION], None, UNWRITABLE),
+    (
+        "mlm",
+        "unwritable output",
+        [*MLM, "out={run}/blocked/run", "mlm.train={run}/" + TRAIN, "mlm.validation={run}/" + VALIDATION],
+        None,
+        UNWRITABLE,
+    ),
     # head
     ("head", "missing CSV", [*HEAD, "head.train={run}/absent.csv"], None, NO_SUCH_FILE),
-    ("head", "missing labels.json", HEAD, lambda run: (run / "prepare/labels.json").unlink(),
-     r"labels\.json: no such file"),
+    (
+        "head",
+        "missing labels.json",
+        HEAD,
+        lambda run: (run / "prepare/labels.json").unlink(),
+        r"labels\.json: no such file",
+    ),
     ("head", "wrong-schema CSV", HEAD, edit_csv(VALIDATION, drop_text), r"validation\.csv: " + MISSING_TEXT),
-    ("head", "empty transcription", HEAD, edit_csv(TRAIN, set_cell("transcription", 5, "")),
-     r"train\.csv: row 6: empty transcription"),
-    ("head", "label not in labels.json", HEAD, unknown_label(TRAIN, 2),
-     r"train\.csv: row 3: " + UNKNOWN_LABEL),
+    (
+        "head",
+        "empty transcription",
+        HEAD,
+        edit_csv(TRAIN, set_cell("transcription", 5, "")),
+        r"train\.csv: row 6: empty transcription",
+    ),
+    ("head", "label not in labels.json", HEAD, unknown_label(TRAIN, 2), r"train\.csv: row 3: " + UNKNOWN_LABEL),
     ("head", "not a BERT-family model", [*HEAD, "mlm.model={run}/gpt2"], None, NOT_BERT),
     ("head", "max_length above positions", [*HEAD, "head.max_length=256"], None, r"head\.max_length=256 is above"),
     ("head", "adapted model missing", [*HEAD, "head.encoder=adapted"], None, r"mlm/model has no model yet"),
     ("head", "existing output", HEAD, write("head-pretrained/report.md", "x"), r"head-pretrained: output exists"),
-    ("head", "unwritable output", [*HEAD, "head.name=blocked/x"], write("head-blocked", "a file"),
-     UNWRITABLE.replace("blocked", "head-blocked")),
+    (
+        "head",
+        "unwritable output",
+        [*HEAD, "head.name=blocked/x"],
+        write("head-blocked", "a file"),
+        UNWRITABLE.replace("blocked", "head-blocked"),
+    ),
     # evaluate
     ("evaluate", "missing CSV", [*EVALUATE, "evaluate.data={run}/absent.csv"], None, NO_SUCH_FILE),
     ("evaluate", "wrong-schema CSV", EVALUATE, edit_csv(VALIDATION, drop_text), r"validation\.csv: " + MISSING_TEXT),
-    ("evaluate", "empty transcription", EVALUATE, edit_csv(VALIDATION, set_cell("transcription", 1, "  ")),
-     r"validation\.csv: row 2: empty transcription"),
-    ("evaluate", "label not in the classes", EVALUATE,
-     unknown_label(VALIDATION, 0), r"validation\.csv: row 1: " + UNKNOWN_LABEL),
-    ("evaluate", "classes do not match labels.json", EVALUATE, other_classifier(["Surgery", "Radiology"]),
-     r"classifier classes .* do not match .*labels\.json"),
-    ("evaluate", "not a classifier folder", [*EVALUATE, "evaluate.model={tiny}"], None,
-     r"not a medclf classifier folder"),
+    (
+        "evaluate",
+        "empty transcription",
+        EVALUATE,
+        edit_csv(VALIDATION, set_cell("transcription", 1, "  ")),
+        r"validation\.csv: row 2: empty transcription",
+    ),
+    (
+        "evaluate",
+        "label not in the classes",
+        EVALUATE,
+        unknown_label(VALIDATION, 0),
+        r"validation\.csv: row 1: " + UNKNOWN_LABEL,
+    ),
+    (
+        "evaluate",
+        "classes do not match labels.json",
+        EVALUATE,
+        other_classifier(["Surgery", "Radiology"]),
+        r"classifier classes .* do not match .*labels\.json",
+    ),
+    (
+        "evaluate",
+        "not a classifier folder",
+        [*EVALUATE, "evaluate.model={tiny}"],
+        None,
+        r"not a medclf classifier folder",
+    ),
     ("evaluate", "max_length above positions", EVALUATE, other_classifier(max_length=256), r"max_length=256 is above"),
-    ("evaluate", "existing output", EVALUATE, write("evaluate/classifier/metrics.json", "{}"),
-     r"evaluate/classifier: output exists"),
-    ("evaluate", "unwritable output", [*EVALUATE, "out={run}/blocked/run", "evaluate.data={run}/" + VALIDATION],
-     None, UNWRITABLE),
+    (
+        "evaluate",
+        "existing output",
+        EVALUATE,
+        write("evaluate/classifier/metrics.json", "{}"),
+        r"evaluate/classifier: output exists",
+    ),
+    (
+        "evaluate",
+        "unwritable output",
+        [*EVALUATE, "out={run}/blocked/run", "evaluate.data={run}/" + VALIDATION],
+        None,
+        UNWRITABLE,
+    ),
     # compare
     ("compare", "missing CSV", [*COMPARE, "head.validation={run}/absent.csv"], None, NO_SUCH_FILE),
     ("compare", "wrong-schema CSV", COMPARE, edit_csv(TRAIN, drop_text), r"train\.csv: " + MISSING_TEXT),
-    ("compare", "empty transcription", COMPARE, edit_csv(VALIDATION, set_cell("transcription", 2, "")),
-     r"validation\.csv: row 3: empty transcription"),
-    ("compare", "label not in labels.json", COMPARE,
-     unknown_label(VALIDATION, 1), r"validation\.csv: row 2: " + UNKNOWN_LABEL),
+    (
+        "compare",
+        "empty transcription",
+        COMPARE,
+        edit_csv(VALIDATION, set_cell("transcription", 2, "")),
+        r"validation\.csv: row 3: empty transcription",
+    ),
+    (
+        "compare",
+        "label not in labels.json",
+        COMPARE,
+        unknown_label(VALIDATION, 1),
+        r"validation\.csv: row 2: " + UNKNOWN_LABEL,
+    ),
     ("compare", "not a BERT-family model", [*COMPARE, "compare.encoders=[pretrained, {run}/gpt2]"], None, NOT_BERT),
-    ("compare", "max_length above positions", [*COMPARE, "head.max_length=256"], None,
-     r"head\.max_length=256 is above"),
-    ("compare", "adapted model missing", [*COMPARE, "compare.encoders=[pretrained, adapted]"], None,
-     r"mlm/model has no model yet"),
+    (
+        "compare",
+        "max_length above positions",
+        [*COMPARE, "head.max_length=256"],
+        None,
+        r"head\.max_length=256 is above",
+    ),
+    (
+        "compare",
+        "adapted model missing",
+        [*COMPARE, "compare.encoders=[pretrained, adapted]"],
+        None,
+        r"mlm/model has no model yet",
+    ),
     ("compare", "existing output", COMPARE, write("comparison.md", "x"), r"comparison\.md: output exists"),
     # predict
     ("predict", "missing CSV", [*PREDICT, "predict.input={run}/absent.csv"], None, NO_SUCH_FILE),
-    ("predict", "wrong-schema CSV", PREDICT, edit_csv("notes.csv", drop_text),
-     r"notes\.csv: missing column transcription"),
-    ("predict", "empty transcription (second chunk)", PREDICT, edit_csv("notes.csv", set_cell("transcription", 7, "")),
-     r"notes\.csv: row 8: empty transcription"),
+    (
+        "predict",
+        "wrong-schema CSV",
+        PREDICT,
+        edit_csv("notes.csv", drop_text),
+        r"notes\.csv: missing column transcription",
+    ),
+    (
+        "predict",
+        "empty transcription (second chunk)",
+        PREDICT,
+        edit_csv("notes.csv", set_cell("transcription", 7, "")),
+        r"notes\.csv: row 8: empty transcription",
+    ),
     ("predict", "not UTF-8 text", PREDICT, not_utf8("notes.csv"), r"notes\.csv: not a readable UTF-8 CSV"),
     ("predict", "not a classifier folder", [*PREDICT, "predict.model={tiny}"], None, r"not a medclf classifier folder"),
     ("predict", "max_length above positions", PREDICT, other_classifier(max_length=256), r"max_length=256 is above"),
@@ -219,8 +331,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("job, problem, argv, change, expected", CASES, ids=[f"{c[0]}: {c[1]}" for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_nothing_written(job, problem, argv, change, expected, base, tiny_bert,
-                                                          tmp_path, capsys):
+def test_bad_input_is_one_line_exit_2_and_nothing_written(
+    job, problem, argv, change, expected, base, tiny_bert, tmp_path, capsys
+):
     run = tmp_path / "run"
     shutil.copytree(base, run)
     if change is not None:

@@ -27,8 +27,9 @@ def trained(seed=0):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Embedding(20, 8), torch.nn.Linear(8, 20))
     model[1].weight = model[0].weight  # tied, as BERT's decoder and word embeddings
-    optimizer = torch.optim.AdamW([{"params": [model[0].weight], "weight_decay": 0.1},
-                                   {"params": [model[1].bias], "weight_decay": 0.0}], lr=1e-2)
+    optimizer = torch.optim.AdamW(
+        [{"params": [model[0].weight], "weight_decay": 0.1}, {"params": [model[1].bias], "weight_decay": 0.0}], lr=1e-2
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (s + 1))
     for _ in range(3):
         model(torch.randint(0, 20, (4,))).sum().backward()
@@ -40,8 +41,17 @@ def trained(seed=0):
 
 def save(accelerator, root, step, keep_last=5, **parts):
     model, optimizer, scheduler = parts.get("trained") or trained()
-    return checkpoint.save(str(root), step, accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                           state={"epoch": 0, "position": step}, spec_yaml="seed: 1\n", keep_last=keep_last)
+    return checkpoint.save(
+        str(root),
+        step,
+        accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state={"epoch": 0, "position": step},
+        spec_yaml="seed: 1\n",
+        keep_last=keep_last,
+    )
 
 
 def test_state_trees_round_trip_with_tuples_int_keys_and_tensors():
@@ -61,8 +71,16 @@ def test_save_and_load_restore_weights_optimizer_schedule_and_rng(accelerator, t
     url = save(accelerator, tmp_path, 3, trained=(model, optimizer, scheduler))
     draws = (torch.rand(3), np.random.rand(3), random.random())
     manifest = json.loads((tmp_path / "step-0000003" / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
-                                      "scheduler.safetensors", "rng-rank00000.safetensors", "state.json", "spec.yaml"}
+    assert set(manifest["files"]) == {
+        "model.safetensors",
+        "optimizer.safetensors",
+        "optimizer.json",
+        "scheduler.json",
+        "scheduler.safetensors",
+        "rng-rank00000.safetensors",
+        "state.json",
+        "spec.yaml",
+    }
     assert (tmp_path / "latest").read_text() == "step-0000003\n"
     assert not any(p.suffix == ".pt" or p.suffix == ".bin" for p in (tmp_path / "step-0000003").iterdir())
 
@@ -128,8 +146,12 @@ def test_memory_urls_work_like_local_paths(accelerator):
     save(accelerator, root, 7)
     assert checkpoint.find_latest(root) == f"{root}/step-0000007"
     model, optimizer, scheduler = trained(seed=2)
-    assert checkpoint.load(f"{root}/step-0000007", accelerator, model=model, optimizer=optimizer,
-                           scheduler=scheduler)["step"] == 7
+    assert (
+        checkpoint.load(f"{root}/step-0000007", accelerator, model=model, optimizer=optimizer, scheduler=scheduler)[
+            "step"
+        ]
+        == 7
+    )
 
 
 def test_publish_dir_writes_the_manifest_after_the_files(tmp_path):

@@ -35,7 +35,8 @@ def test_weighted_f1_matches_sklearn_with_and_without_row_weights():
     assert compare.weighted_f1(y, p, np.ones(200), 4)[0] == pytest.approx(f1_score(y, p, average="weighted"))
     counts = rng.integers(0, 3, 200)  # a bootstrap draw is rows repeated: the same as sample weights
     assert compare.weighted_f1(y, p, counts, 4)[0] == pytest.approx(
-        f1_score(y, p, average="weighted", sample_weight=counts))
+        f1_score(y, p, average="weighted", sample_weight=counts)
+    )
 
 
 def test_paired_bootstrap_on_known_inputs():
@@ -60,8 +61,11 @@ def test_paired_bootstrap_on_known_inputs():
 def test_verdict_says_what_the_evidence_says():
     def summary(low, high, p):
         f1 = {"f1_weighted": {"mean": 0.6}}
-        return {"f1_weighted_difference": {"observed": (low + high) / 2, "ci95": [low, high]},
-                "mcnemar_seed_averaged": {"p_exact": p}, "metrics": {"pretrained": f1, "adapted": f1}}
+        return {
+            "f1_weighted_difference": {"observed": (low + high) / 2, "ci95": [low, high]},
+            "mcnemar_seed_averaged": {"p_exact": p},
+            "metrics": {"pretrained": f1, "adapted": f1},
+        }
 
     assert compare.verdict("pretrained", "adapted", summary(0.01, 0.05, 0.01)).startswith("Yes, adaptation helped")
     assert compare.verdict("pretrained", "adapted", summary(-0.02, 0.03, 0.5)).startswith("No clear evidence")

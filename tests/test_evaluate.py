@@ -34,7 +34,8 @@ def test_metrics_match_hand_computed_values():
 def test_any_label_sets_collect_every_copy_of_a_note_across_both_splits(tmp_path):
     (tmp_path / "prepare").mkdir()
     rows = lambda pairs: pd.DataFrame(  # noqa: E731
-        {"text_id": [t for t, _ in pairs], "medical_specialty": [s for _, s in pairs], "transcription": "x"})
+        {"text_id": [t for t, _ in pairs], "medical_specialty": [s for _, s in pairs], "transcription": "x"}
+    )
     rows([("n1", "b"), ("n2", "c")]).to_csv(tmp_path / "prepare" / "train.csv", index=False)
     validation = rows([("n1", "a"), ("n3", "a"), ("n3", "c")])
     validation.to_csv(tmp_path / "prepare" / "validation.csv", index=False)

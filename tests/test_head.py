@@ -46,8 +46,9 @@ def _count_encoded_rows(monkeypatch) -> list[int]:
 
     def counting(ref):
         encoder, tokenizer, where = load(ref)
-        encoder.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape[0]),
-                                          with_kwargs=True)
+        encoder.register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+        )
         return encoder, tokenizer, where
 
     monkeypatch.setattr(head, "load_encoder", counting)
@@ -107,9 +108,16 @@ def test_classifier_round_trip_through_fsspec(tiny_bert):
     encoder, tokenizer, where = classifier.load_encoder(str(tiny_bert))
     runtime.seed_everything(0)
     model = Classifier(encoder, Head(32, 3, dropout=0.1), "mean", frozen=True).eval()
-    info = classifier.ClassifierInfo(classes=["a", "b", "c"], encoder=str(tiny_bert),
-                                     encoder_fingerprint=classifier.fingerprint(where), pooling="mean",
-                                     max_length=64, hidden_size=32, dropout=0.1, frozen=True)
+    info = classifier.ClassifierInfo(
+        classes=["a", "b", "c"],
+        encoder=str(tiny_bert),
+        encoder_fingerprint=classifier.fingerprint(where),
+        pooling="mean",
+        max_length=64,
+        hidden_size=32,
+        dropout=0.1,
+        frozen=True,
+    )
     url = "memory://round-trip/model"
     classifier.save(url, model.head, info)
     loaded, loaded_tokenizer, loaded_info = classifier.load(url)

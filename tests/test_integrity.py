@@ -23,8 +23,17 @@ from medclf.errors import EXIT_BAD_INPUT
 from tests.small_run import make_small_run
 from tests.test_bad_input import make_classifier, run_cli, tree
 
-ARGS = ["max_length=32", "batch_size=4", "micro_batch_size=2", "log_every=1", "lr=1e-3", "eval_blocks=4",
-        "keep_last=10", "max_steps=4", "checkpoint_every=2"]
+ARGS = [
+    "max_length=32",
+    "batch_size=4",
+    "micro_batch_size=2",
+    "log_every=1",
+    "lr=1e-3",
+    "eval_blocks=4",
+    "keep_last=10",
+    "max_steps=4",
+    "checkpoint_every=2",
+]
 
 
 def truncate(path: Path) -> None:
@@ -63,8 +72,9 @@ def whole(tmp_path_factory, prepared, tiny_bert) -> Path:
 
 
 @pytest.mark.parametrize("damage, name, expected", CHECKPOINT_DAMAGE, ids=case_ids(CHECKPOINT_DAMAGE))
-def test_a_damaged_checkpoint_is_passed_over_and_resume_falls_back(damage, name, expected, whole, tiny_bert, tmp_path,
-                                                                  caplog):
+def test_a_damaged_checkpoint_is_passed_over_and_resume_falls_back(
+    damage, name, expected, whole, tiny_bert, tmp_path, caplog
+):
     # What a run interrupted after its step-4 checkpoint leaves behind, with that checkpoint damaged.
     run = tmp_path / "run"
     shutil.copytree(whole / "prepare", run / "prepare")
@@ -118,8 +128,9 @@ def test_a_damaged_classifier_is_refused_by_name(damage, name, expected, whole, 
     shutil.copy(whole / "prepare" / "validation.csv", run / "notes.csv")
     damage(run / "classifier" / name)
     before = tree(run)
-    code, line = run_cli(["predict", f"model={run}/classifier", f"input={run}/notes.csv",
-                          f"output={run}/predictions.csv"], capsys)
+    code, line = run_cli(
+        ["predict", f"model={run}/classifier", f"input={run}/notes.csv", f"output={run}/predictions.csv"], capsys
+    )
     assert code == EXIT_BAD_INPUT
     assert re.search(expected, line), line
     assert tree(run) == before

@@ -34,8 +34,17 @@ from medclf.mlm import STEP_SLEEP_ENV
 from tests.conftest import REPO
 from tests.test_bad_input import make_classifier
 
-ARGS = ["max_length=32", "batch_size=4", "micro_batch_size=2", "log_every=1", "lr=1e-3", "eval_blocks=4",
-        "keep_last=10", "max_steps=8", "checkpoint_every=2"]
+ARGS = [
+    "max_length=32",
+    "batch_size=4",
+    "micro_batch_size=2",
+    "log_every=1",
+    "lr=1e-3",
+    "eval_blocks=4",
+    "keep_last=10",
+    "max_steps=8",
+    "checkpoint_every=2",
+]
 
 
 def small_run(folder: Path, mtsamples: Path) -> Path:
@@ -53,8 +62,13 @@ def spec(out: Path, model: Path):
 def run_until_killed(out: Path, model: Path, pattern: str, env: dict) -> str:
     """Start `medclf mlm` as its own process, SIGKILL it as soon as `pattern` shows in its output."""
     command = [sys.executable, "-m", "medclf", "mlm", f"out={out}", f"model={model}", *ARGS]
-    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO), **env},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen, deadline = "", time.time() + 180
     try:
         while pattern not in seen and time.time() < deadline:
@@ -131,8 +145,13 @@ def test_predict_killed_mid_file_leaves_no_output_and_a_rerun_writes_it_whole(ti
     output = tmp_path / "out" / "predictions.csv"
     args = [f"model={model}", f"input={tmp_path / 'notes.csv'}", f"output={output}", "chunk_rows=100"]
     command = [sys.executable, "-m", "medclf", "predict", *args]
-    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen = ""
     while "100 rows classified" not in seen:
         line = process.stdout.readline()

@@ -21,8 +21,15 @@ from medclf.errors import EXIT_PREEMPTED, MedclfError
 from medclf.masking import IGNORE, Masker, epoch_order, pack, token_stream
 from tests.conftest import REPO
 
-TINY_ARGS = ["max_length=64", "batch_size=8", "micro_batch_size=4", "log_every=1", "lr=1e-3", "eval_blocks=8",
-             "keep_last=10"]
+TINY_ARGS = [
+    "max_length=64",
+    "batch_size=8",
+    "micro_batch_size=4",
+    "log_every=1",
+    "lr=1e-3",
+    "eval_blocks=8",
+    "keep_last=10",
+]
 
 
 def small_run(folder, mtsamples, train_rows=4, validation_rows=2):
@@ -30,7 +37,9 @@ def small_run(folder, mtsamples, train_rows=4, validation_rows=2):
     notes = pd.read_csv(mtsamples).dropna(subset=["transcription"])
     (folder / "prepare").mkdir(parents=True)
     notes.iloc[:train_rows][["transcription"]].to_csv(folder / "prepare" / "train.csv", index=False)
-    notes.iloc[100:100 + validation_rows][["transcription"]].to_csv(folder / "prepare" / "validation.csv", index=False)
+    notes.iloc[100 : 100 + validation_rows][["transcription"]].to_csv(
+        folder / "prepare" / "validation.csv", index=False
+    )
     return folder
 
 
@@ -188,8 +197,22 @@ def test_minilm_on_the_real_data(minilm, prepared, tmp_path, caplog):
     out = tmp_path / "run"
     shutil.copytree(prepared / "prepare", out / "prepare")
     caplog.set_level(logging.INFO)
-    mlm.run(config.load("mlm", None, [f"out={out}", f"model={minilm}", "max_length=128", "batch_size=4",
-                                      "micro_batch_size=2", "max_steps=3", "eval_blocks=8", "lr=1e-4"]))
+    mlm.run(
+        config.load(
+            "mlm",
+            None,
+            [
+                f"out={out}",
+                f"model={minilm}",
+                "max_length=128",
+                "batch_size=4",
+                "micro_batch_size=2",
+                "max_steps=3",
+                "eval_blocks=8",
+                "lr=1e-4",
+            ],
+        )
+    )
     assert "has no masked-LM head weights; initialised" in caplog.text
     metrics = json.loads((out / "mlm" / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["train_blocks"] > 5000

@@ -44,10 +44,27 @@ def test_two_ranks_match_one_process(tiny_bert, mtsamples, tmp_path):
     args = ["micro_batch_size=2", "max_steps=4", "checkpoint_every=2"]
     one, two = small_run(tmp_path / "one", mtsamples), small_run(tmp_path / "two", mtsamples)
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()),
-        "-m", "medclf", "mlm", f"out={two}", f"model={model}", *TINY_ARGS, *args,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "medclf",
+        "mlm",
+        f"out={two}",
+        f"model={model}",
+        *TINY_ARGS,
+        *args,
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

@@ -29,8 +29,14 @@ def test_tiny_pipeline_on_real_data(tmp_path, mtsamples, minilm):
     compare.run(spec("compare"))
     evaluate.run(spec("evaluate", "evaluate.model=adapted"))
     predictions = tmp_path / "predictions.csv"
-    predict.run(spec("predict", f"predict.model={out}/head-adapted/model",
-                     f"predict.input={out}/prepare/validation.csv", f"predict.output={predictions}"))
+    predict.run(
+        spec(
+            "predict",
+            f"predict.model={out}/head-adapted/model",
+            f"predict.input={out}/prepare/validation.csv",
+            f"predict.output={predictions}",
+        )
+    )
 
     # -- two encoders, two heads, the features of each encoded once (train and validation)
     assert len(list((out / "features").iterdir())) == 4

@@ -39,8 +39,13 @@ def notes(prepared) -> pd.DataFrame:
 def test_predict_writes_columns_and_rows_in_input_order(model_dir, notes, tmp_path):
     source, target = tmp_path / "notes.csv", tmp_path / "out" / "pred.csv"
     notes.to_csv(source, index=False)
-    predict.run(config.load("predict", None, [
-        f"model={model_dir}", f"input={source}", f"output={target}", "chunk_rows=4", "batch_size=3"]))
+    predict.run(
+        config.load(
+            "predict",
+            None,
+            [f"model={model_dir}", f"input={source}", f"output={target}", "chunk_rows=4", "batch_size=3"],
+        )
+    )
     out = pd.read_csv(target, dtype={"note_id": str})
     classes = json.loads((model_dir / "classifier.json").read_text())["classes"]
     assert list(out.columns) == ["row", "note_id", "text_id"] + [f"prob_{c}" for c in classes] + ["predicted_specialty"]
@@ -88,9 +93,25 @@ def test_two_ranks_write_the_same_rows_as_one_process(model_dir, notes, tmp_path
     notes.to_csv(source, index=False)
     args = [f"--model={model_dir}", f"--input={source}", "--chunk_rows=5", "--batch_size=2"]
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), "-m", "medclf", "predict", *args, f"--output={tmp_path / 'two.csv'}",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "medclf",
+        "predict",
+        *args,
+        f"--output={tmp_path / 'two.csv'}",
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

@@ -145,7 +145,10 @@ def test_overwrite_replaces(tmp_path, tiny_raw):
     (tmp_path / "run" / "prepare" / "stale.txt").write_text("old")
     prepare.run(config.load("prepare", None, [f"out={tmp_path / 'run'}", f"input={raw}", "overwrite=true"]))
     assert sorted(p.name for p in (tmp_path / "run" / "prepare").iterdir()) == [
-        "labels.json", "stats.json", "train.csv", "validation.csv",
+        "labels.json",
+        "stats.json",
+        "train.csv",
+        "validation.csv",
     ]
 
 

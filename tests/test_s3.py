@@ -43,7 +43,10 @@ def s3_weights(url: str) -> dict:
 
 def medclf(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "medclf", *args], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "medclf", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, **(env or {})},
     )
 
@@ -84,8 +87,13 @@ def test_cli_missing_bucket_or_wrong_credentials_is_one_line_and_writes_nothing(
     assert s3.keys() == before and not (tmp_path / "run").exists()
 
     # Right credentials, and the endpoint from the standard environment this time: the four files.
-    ok = medclf("prepare", f"out={s3.url}/run", f"prepare.input={raw}", "prepare.sample_notes=400",
-                env={"AWS_ENDPOINT_URL": s3.server.endpoint})
+    ok = medclf(
+        "prepare",
+        f"out={s3.url}/run",
+        f"prepare.input={raw}",
+        "prepare.sample_notes=400",
+        env={"AWS_ENDPOINT_URL": s3.server.endpoint},
+    )
     assert ok.returncode == 0, ok.stderr
     assert s3.server.secret not in ok.stderr + ok.stdout
     assert len(s3.keys("run/prepare/")) == 4
@@ -174,7 +182,7 @@ def test_frozen_server_mid_upload_fails_in_bounded_time_and_leaves_nothing(s3):
             f.write(data[: 6 * MiB])  # the multipart upload has begun and part 1 is stored
             s3.server.freeze()
             started = time.monotonic()
-            f.write(data[6 * MiB:])  # part 2 meets a server that does not answer
+            f.write(data[6 * MiB :])  # part 2 meets a server that does not answer
     elapsed = time.monotonic() - started
     s3.server.thaw()
     assert "\n" not in str(failure.value)
@@ -237,8 +245,9 @@ def test_model_folder_on_s3_is_fetched_once_and_checked_against_its_manifest(s3,
 # ---------------------------------------------------------------- the mlm job on S3
 
 
-def test_mlm_on_s3_fails_when_frozen_mid_checkpoint_and_resumes_exactly(s3, tiny_bert, mtsamples, tmp_path,
-                                                                        monkeypatch, caplog):
+def test_mlm_on_s3_fails_when_frozen_mid_checkpoint_and_resumes_exactly(
+    s3, tiny_bert, mtsamples, tmp_path, monkeypatch, caplog
+):
     from medclf import checkpoint, mlm
     from tests.test_mlm import TINY_ARGS, assert_same_weights, small_run
 
@@ -251,15 +260,20 @@ def test_mlm_on_s3_fails_when_frozen_mid_checkpoint_and_resumes_exactly(s3, tiny
         storage.upload_dir(str(notes / "prepare"), f"{s3.url}/{run}/prepare")
 
     def args(run: str) -> list[str]:
-        return [f"out={s3.url}/{run}", f"model={model_url}", *TINY_ARGS, "max_steps=8", "checkpoint_every=3",
-                *s3.overrides]
+        return [
+            f"out={s3.url}/{run}",
+            f"model={model_url}",
+            *TINY_ARGS,
+            "max_steps=8",
+            "checkpoint_every=3",
+            *s3.overrides,
+        ]
 
     # -- the uninterrupted run
     mlm.run(config.load("mlm", None, args("whole")))
 
     # -- the same run as a CLI job; the server freezes while checkpoint 6 is half-written
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MEDCLF_CACHE": str(tmp_path / "cache"),
-           checkpoint.PAUSE_ENV: "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MEDCLF_CACHE": str(tmp_path / "cache"), checkpoint.PAUSE_ENV: "1"}
     command = [sys.executable, "-m", "medclf", "mlm", *args("faulty"), "storage.timeout_s=1", "storage.retries=1"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     half_written = f"pausing before the manifest of {s3.url}/faulty/mlm/checkpoints/step-0000006"
@@ -290,10 +304,14 @@ def test_mlm_on_s3_fails_when_frozen_mid_checkpoint_and_resumes_exactly(s3, tiny
     caplog.set_level("INFO")
     mlm.run(config.load("mlm", None, args("faulty")))
     assert f"resumed from {root}/step-0000003 at step 3" in caplog.text
-    assert_same_weights(s3_weights(f"{s3.url}/whole/mlm/model/model.safetensors"),
-                        s3_weights(f"{s3.url}/faulty/mlm/model/model.safetensors"))
-    assert storage.read_json(f"{s3.url}/faulty/mlm/metrics.json")["history"] == \
-        storage.read_json(f"{s3.url}/whole/mlm/metrics.json")["history"]
+    assert_same_weights(
+        s3_weights(f"{s3.url}/whole/mlm/model/model.safetensors"),
+        s3_weights(f"{s3.url}/faulty/mlm/model/model.safetensors"),
+    )
+    assert (
+        storage.read_json(f"{s3.url}/faulty/mlm/metrics.json")["history"]
+        == storage.read_json(f"{s3.url}/whole/mlm/metrics.json")["history"]
+    )
     assert storage.read_text(f"{root}/latest").strip() == "step-0000008"
 
 
@@ -351,8 +369,15 @@ def test_tiny_pipeline_with_every_url_on_s3(s3, mtsamples, tiny_bert, tmp_path, 
         job.run(spec)
 
     written = s3.keys("run/")
-    for key in ("prepare/stats.json", "mlm/model/manifest.json", "mlm/checkpoints/latest", "mlm/metrics.json",
-                "head-adapted/model/classifier.json", "head-adapted/metrics.json", "evaluate/adapted/report.md"):
+    for key in (
+        "prepare/stats.json",
+        "mlm/model/manifest.json",
+        "mlm/checkpoints/latest",
+        "mlm/metrics.json",
+        "head-adapted/model/classifier.json",
+        "head-adapted/metrics.json",
+        "evaluate/adapted/report.md",
+    ):
         assert f"run/{key}" in written, key
     assert any(k.startswith("run/features/") for k in written)  # cached features went to S3 too
     assert not any(k.startswith("run/") and "/." in k for k in written)  # no temporaries left behind

@@ -30,8 +30,17 @@ CLUSTER = REPO / "tests" / "slurm"
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 STEPS = 8
 # What the templates and the submit script read from the environment: only the tests set these.
-TEMPLATE_ENV = {"JOB", "SPEC", "OUT", "GPUS_PER_NODE", "MEDCLF_CPU", "ACCELERATE_CONFIG", "MLM_NODES",
-                "SBATCH_EXTRA", "MEDCLF_TEST_STEP_SLEEP"}
+TEMPLATE_ENV = {
+    "JOB",
+    "SPEC",
+    "OUT",
+    "GPUS_PER_NODE",
+    "MEDCLF_CPU",
+    "ACCELERATE_CONFIG",
+    "MLM_NODES",
+    "SBATCH_EXTRA",
+    "MEDCLF_TEST_STEP_SLEEP",
+}
 
 
 @dataclasses.dataclass
@@ -41,15 +50,17 @@ class Cluster:
 
     def sbatch(self, *args: str, **env: str) -> str:
         """Submit with the given options and script arguments; the job id."""
-        done = subprocess.run(["sbatch", "--parsable", *args], env=self.env | env, cwd=REPO,
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            ["sbatch", "--parsable", *args], env=self.env | env, cwd=REPO, capture_output=True, text=True, timeout=60
+        )
         assert done.returncode == 0, f"sbatch {' '.join(args)}: {done.stderr.strip()}"
         return done.stdout.strip().split(";")[0]
 
     def job(self, job_id: str) -> dict:
         """`scontrol show job` as a dict of its key=value fields."""
-        done = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=self.env,
-                              capture_output=True, text=True, timeout=30)
+        done = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], env=self.env, capture_output=True, text=True, timeout=30
+        )
         assert done.returncode == 0, f"scontrol show job {job_id}: {done.stderr.strip()}"
         return dict(re.findall(r"(\w+)=(\S*)", done.stdout))
 
@@ -71,24 +82,32 @@ class Cluster:
 
     def assert_completed(self, job_id: str, fields: dict) -> None:
         assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), (
-            f"job {job_id} {fields['JobState']} exit {fields['ExitCode']}:\n{self.log(job_id)[-4000:]}")
+            f"job {job_id} {fields['JobState']} exit {fields['ExitCode']}:\n{self.log(job_id)[-4000:]}"
+        )
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     folder = tmp_path_factory.mktemp("slurm")
-    started = subprocess.run(["bash", str(CLUSTER / "start.sh"), str(folder)],
-                             capture_output=True, text=True, timeout=120)
+    started = subprocess.run(
+        ["bash", str(CLUSTER / "start.sh"), str(folder)], capture_output=True, text=True, timeout=120
+    )
     if started.returncode != 0:
         subprocess.run(["bash", str(CLUSTER / "stop.sh"), str(folder)], timeout=120)
         pytest.fail(f"the Slurm test cluster did not start (tests/slurm/start.sh):\n{started.stdout}{started.stderr}")
     (folder / "logs").mkdir()
     # The jobs inherit this environment (sbatch --export=ALL): this Python first on PATH, CPU ranks,
     # and nothing of an outer Slurm job or a user's sbatch defaults (pytest may itself run under Slurm).
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_")) and k not in TEMPLATE_ENV}
-    env |= {"SLURM_CONF": str(folder / "slurm.conf"), "MEDCLF_CPU": "1",
-            "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_")) and k not in TEMPLATE_ENV
+    }
+    env |= {
+        "SLURM_CONF": str(folder / "slurm.conf"),
+        "MEDCLF_CPU": "1",
+        "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     yield Cluster(folder, env)
     subprocess.run(["bash", str(CLUSTER / "stop.sh"), str(folder)], timeout=120)
 
@@ -108,9 +127,18 @@ def spec(tmp_path_factory, tiny_bert, mtsamples) -> pathlib.Path:
     text = {
         "seed": 7,
         "prepare": {"input": str(mtsamples), "sample_notes": 200},
-        "mlm": {"model": str(model), "max_length": 64, "max_steps": STEPS, "batch_size": 8,
-                "micro_batch_size": 4, "lr": 3.0e-3, "warmup_ratio": 0.0, "checkpoint_every": 4,
-                "log_every": 1, "eval_blocks": 16},
+        "mlm": {
+            "model": str(model),
+            "max_length": 64,
+            "max_steps": STEPS,
+            "batch_size": 8,
+            "micro_batch_size": 4,
+            "lr": 3.0e-3,
+            "warmup_ratio": 0.0,
+            "checkpoint_every": 4,
+            "log_every": 1,
+            "eval_blocks": 16,
+        },
         "head": {"max_length": 64, "epochs": 2, "encode_batch_size": 32},
         "compare": {"seeds": 2, "bootstrap": 200},
     }
@@ -134,10 +162,18 @@ def new_run(prepared_run: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
     return folder
 
 
-def submit_mlm(cluster: Cluster, template: str, out: pathlib.Path, spec: pathlib.Path, *, nodes: int, procs: int,
-               **env: str) -> str:
-    return cluster.sbatch(f"--nodes={nodes}", "--gpus-per-node=0", f"--output={cluster.dir}/logs/%x-%j.log",
-                          f"--export=ALL,OUT={out},GPUS_PER_NODE={procs}", str(SLURM / template), str(spec), **env)
+def submit_mlm(
+    cluster: Cluster, template: str, out: pathlib.Path, spec: pathlib.Path, *, nodes: int, procs: int, **env: str
+) -> str:
+    return cluster.sbatch(
+        f"--nodes={nodes}",
+        "--gpus-per-node=0",
+        f"--output={cluster.dir}/logs/%x-%j.log",
+        f"--export=ALL,OUT={out},GPUS_PER_NODE={procs}",
+        str(SLURM / template),
+        str(spec),
+        **env,
+    )
 
 
 def metrics(out: pathlib.Path) -> dict:
@@ -159,10 +195,15 @@ def submitted(cluster, spec, prepared_run, runs_dir) -> dict:
     two_nodes = new_run(prepared_run, runs_dir / "2x1")
     two_nodes_job = submit_mlm(cluster, "multi_node.sbatch", two_nodes, spec, nodes=2, procs=1)
     out = runs_dir / "pipeline"
-    done = subprocess.run(["bash", str(SLURM / "submit_pipeline.sh"), str(spec)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120,
-                          env=cluster.env | {"OUT": str(out), "GPUS_PER_NODE": "2",
-                                             "SBATCH_EXTRA": f"--output={cluster.dir}/logs/%x-%j.log"})
+    done = subprocess.run(
+        ["bash", str(SLURM / "submit_pipeline.sh"), str(spec)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=cluster.env
+        | {"OUT": str(out), "GPUS_PER_NODE": "2", "SBATCH_EXTRA": f"--output={cluster.dir}/logs/%x-%j.log"},
+    )
     assert done.returncode == 0, done.stderr
     jobs = dict(line.split() for line in done.stdout.splitlines())
     assert list(jobs) == ["prepare", "mlm", "head-pretrained", "head-adapted", "compare"]
@@ -176,7 +217,8 @@ def two_process_run(cluster: Cluster, submitted: dict) -> pathlib.Path:
 
 
 def test_preempted_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weights(
-        cluster, submitted, spec, prepared_run, runs_dir):
+    cluster, submitted, spec, prepared_run, runs_dir
+):
     out = new_run(prepared_run, runs_dir / "preempted")
     # One second per step, so the signal lands mid-training: after the step-4 checkpoint, before step 8.
     job_id = submit_mlm(cluster, "single_node.sbatch", out, spec, nodes=1, procs=2, MEDCLF_TEST_STEP_SLEEP="1")
@@ -192,9 +234,11 @@ def test_preempted_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weig
     # Slurm holds a requeued job ~120 s; once it is pending again, let it start in 3 s.
     def start_soon(fields: dict) -> None:
         if fields["Restarts"] != "0" and not start_soon.done:
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+3"], env=cluster.env,
-                           check=True, timeout=30)
+            subprocess.run(
+                ["scontrol", "update", f"JobId={job_id}", "StartTime=now+3"], env=cluster.env, check=True, timeout=30
+            )
             start_soon.done = True
+
     start_soon.done = False
     fields = cluster.wait(job_id, timeout=300, while_pending=start_soon)
     cluster.assert_completed(job_id, fields)
@@ -250,6 +294,7 @@ def test_pipeline_chain_runs_in_dependency_order_and_writes_the_comparison(clust
     def after(later: str, *earlier: str) -> None:
         for name in earlier:
             assert fields[later]["StartTime"] >= fields[name]["EndTime"], f"{later} started before {name} ended"
+
     after("mlm", "prepare")
     after("head-pretrained", "prepare")
     after("head-adapted", "mlm")
@@ -261,23 +306,47 @@ def test_pipeline_chain_runs_in_dependency_order_and_writes_the_comparison(clust
     assert "pretrained" in comparison and "adapted" in comparison
 
 
-@pytest.mark.parametrize("exits, expected", [
-    ({0: (0, 75), 1: (0, 75)}, 75),  # all ranks stopped after the checkpoint: requeue
-    ({0: (2, 75), 1: (0, 3)}, 1),    # a rank crashed (the other is then killed): no requeue
-    ({0: (0, 75)}, 75),              # one process: accelerate's plain-subprocess path
-])
+@pytest.mark.parametrize(
+    "exits, expected",
+    [
+        ({0: (0, 75), 1: (0, 75)}, 75),  # all ranks stopped after the checkpoint: requeue
+        ({0: (2, 75), 1: (0, 3)}, 1),  # a rank crashed (the other is then killed): no requeue
+        ({0: (0, 75)}, 75),  # one process: accelerate's plain-subprocess path
+    ],
+)
 def test_launcher_keeps_the_preempted_exit_status_and_only_that(tmp_path, exits, expected):
     # `accelerate launch` itself exits 1 for any failed worker; the templates requeue on 75 only.
     worker = tmp_path / "worker.py"
-    worker.write_text("import os, sys, time\n"
-                      f"delay, status = {exits!r}[int(os.environ.get('RANK', '0'))]\n"
-                      "time.sleep(delay)\nsys.exit(status)\n")
+    worker.write_text(
+        "import os, sys, time\n"
+        f"delay, status = {exits!r}[int(os.environ.get('RANK', '0'))]\n"
+        "time.sleep(delay)\nsys.exit(status)\n"
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ranks = ["--multi_gpu"] if len(exits) > 1 else []
     done = subprocess.run(
-        [sys.executable, "-m", "medclf.launch", *ranks, "--num_processes", str(len(exits)), "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), str(worker)],
-        env=os.environ | {"ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "medclf.launch",
+            *ranks,
+            "--num_processes",
+            str(len(exits)),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(port),
+            str(worker),
+        ],
+        env=os.environ | {"ACCELERATE_USE_CPU": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == expected, done.stderr[-2000:]
