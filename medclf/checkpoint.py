@@ -8,21 +8,18 @@
                         manifest.json              size and SHA-256 of every file above, written LAST
     <root>/latest                                  "step-0000500", updated after the manifest
 
-Nothing is pickled: tensors go to safetensors, everything else to JSON. A folder without a
-manifest is an interrupted save and is never loaded; a file whose size or hash differs from the
-manifest is refused by name. `find_latest` walks back from the newest complete checkpoint to
-the first one that verifies.
+Nothing is pickled: tensors go to safetensors, everything else to JSON. The manifest (built,
+written and verified by medclf/manifest.py) makes a folder complete: a folder without one is an
+interrupted save and is never loaded; a file whose size or hash differs is refused by name.
+`find_latest` walks back from the newest complete checkpoint to the first one that verifies.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import random
 import re
-import time
 from typing import Any, Optional
 
 import numpy as np
@@ -30,17 +27,13 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from medclf import storage
+from medclf import manifest, storage
 from medclf.errors import MedclfError
 
 log = logging.getLogger(__name__)
 
 STEP_FOLDER = re.compile(r"^step-(\d{7,})$")
-MANIFEST = "manifest.json"
 LATEST = "latest"
-# Test hook: seconds to sleep after the files are written and before the manifest (of a checkpoint
-# or a published model), so a test can kill the job or freeze the storage while a save is half-done.
-PAUSE_ENV = "MEDCLF_TEST_PAUSE_IN_CHECKPOINT"
 
 
 def step_url(root: str, step: int) -> str:
@@ -95,11 +88,7 @@ def save(
     if main:
         for rank in range(1, accelerator.num_processes):
             written[rng_name(rank)] = storage.read_bytes(storage.join(url, rng_name(rank)))
-        _test_pause(url)
-        files = {
-            name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in written.items()
-        }
-        storage.write_json(storage.join(url, MANIFEST), {"step": step, "files": dict(sorted(files.items()))})
+        manifest.write(url, {name: manifest.entry(data) for name, data in written.items()}, step=step)
         storage.write_text(storage.join(root, LATEST), f"step-{step:07d}\n")
         _prune(root, keep_last, step)
         log.info("checkpoint saved: %s", url)
@@ -107,21 +96,14 @@ def save(
     return url
 
 
-def _test_pause(url: str) -> None:
-    pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
-    if pause:
-        log.warning("%s=%s: pausing before the manifest of %s", PAUSE_ENV, pause, url)
-        time.sleep(pause)
-
-
 def _prune(root: str, keep_last: int, newest: int) -> None:
-    complete = [s for s in list_steps(root) if storage.exists(storage.join(step_url(root, s), MANIFEST))]
+    complete = [s for s in list_steps(root) if manifest.exists(step_url(root, s))]
     for step in list_steps(root):
         stale_partial = step < newest and step not in complete
         beyond_k = step in complete and complete.index(step) < len(complete) - keep_last
         if stale_partial or beyond_k:
             # The manifest goes first: a prune killed halfway leaves a folder that is plainly incomplete.
-            storage.remove(storage.join(step_url(root, step), MANIFEST))
+            storage.remove(storage.join(step_url(root, step), manifest.MANIFEST))
             storage.remove(step_url(root, step))
 
 
@@ -204,45 +186,12 @@ def list_steps(root: str) -> list[int]:
     return sorted(int(m.group(1)) for name in storage.listdir(root) if (m := STEP_FOLDER.match(name)))
 
 
-def read_manifest(url: str, what: str = "checkpoint") -> dict:
-    manifest_url = storage.join(url, MANIFEST)
-    if not storage.exists(manifest_url):
-        raise MedclfError(f"{url}: incomplete {what} (no {MANIFEST})")
-    manifest = storage.read_json(manifest_url)
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise MedclfError(f"{manifest_url}: not a {what} manifest")
-    return manifest
-
-
-def read_verified(url: str, name: str, manifest: dict) -> bytes:
-    """A checkpoint file's bytes, refused by name if its size or SHA-256 differs from the manifest."""
-    expected = manifest["files"].get(name)
-    if expected is None:
-        raise MedclfError(f"{storage.join(url, name)}: not listed in the manifest")
-    data = storage.read_bytes(storage.join(url, name))
-    if len(data) != expected["size"]:
-        raise MedclfError(
-            f"{storage.join(url, name)}: {len(data)} bytes, manifest says {expected['size']} (truncated?)"
-        )
-    if hashlib.sha256(data).hexdigest() != expected["sha256"]:
-        raise MedclfError(f"{storage.join(url, name)}: SHA-256 differs from the manifest (file altered)")
-    return data
-
-
-def verify(url: str, what: str = "checkpoint") -> dict:
-    """Check every file of a checkpoint (or published folder) against its manifest; returns the manifest."""
-    manifest = read_manifest(url, what)
-    for name in manifest["files"]:
-        read_verified(url, name, manifest)
-    return manifest
-
-
 def find_latest(root: str) -> Optional[str]:
     """The newest complete checkpoint that verifies, warning about each newer one passed over."""
     for step in reversed(list_steps(root)):
         url = step_url(root, step)
         try:
-            verify(url)
+            manifest.verify(url)
             return url
         except MedclfError as e:
             log.warning("skipping checkpoint: %s", e)
@@ -254,10 +203,10 @@ def find_latest(root: str) -> Optional[str]:
 
 def load(url: str, accelerator: Any, *, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict:
     """Restore weights, optimizer, scheduler and this rank's RNG from `url`; returns state.json."""
-    manifest = read_manifest(url)
+    listing = manifest.read(url)
 
     # -- weights: tied copies were stored once, so exactly the aliases may be missing
-    data = read_verified(url, "model.safetensors", manifest)
+    data = manifest.read_verified(url, "model.safetensors", listing)
     tensors = load_tensors(data)
     aliases = json.loads(_metadata(data).get("aliases", "{}"))
     result = model.load_state_dict(tensors, strict=False)
@@ -270,21 +219,21 @@ def load(url: str, accelerator: Any, *, model: torch.nn.Module, optimizer: Any, 
 
     # -- optimizer and scheduler
     for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
-        tensors = load_tensors(read_verified(url, f"{name}.safetensors", manifest))
-        tree = json.loads(read_verified(url, f"{name}.json", manifest))
+        tensors = load_tensors(manifest.read_verified(url, f"{name}.safetensors", listing))
+        tree = json.loads(manifest.read_verified(url, f"{name}.json", listing))
         target.load_state_dict(decode(tree, tensors))
 
     # -- this rank's RNG (a run resumed on another number of ranks cannot be exact: say so)
     name = rng_name(accelerator.process_index)
-    if name in manifest["files"]:
-        _set_rng(read_verified(url, name, manifest))
+    if name in listing["files"]:
+        _set_rng(manifest.read_verified(url, name, listing))
     else:
         log.warning(
             "%s: no RNG state for rank %d (saved by fewer ranks); continuing unseeded-exactly",
             url,
             accelerator.process_index,
         )
-    return json.loads(read_verified(url, "state.json", manifest))
+    return json.loads(manifest.read_verified(url, "state.json", listing))
 
 
 def _metadata(data: bytes) -> dict:
@@ -303,23 +252,3 @@ def _set_rng(data: bytes) -> None:
     np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, words, gauss_next = meta["python"]
     random.setstate((version, tuple(words), gauss_next))
-
-
-# ---------------------------------------------------------------- finished outputs
-
-
-def publish_dir(local_dir: str, url: str) -> None:
-    """Upload a local folder (a save_pretrained model) to `url`, its manifest written last."""
-    storage.remove(storage.join(url, MANIFEST))  # first: an older copy being replaced is never "complete"
-    storage.remove(url)
-    storage.upload_dir(local_dir, url)
-    files = {}
-    for root, _, names in os.walk(local_dir):
-        for name in sorted(names):
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                data = f.read()
-            rel = os.path.relpath(path, local_dir).replace(os.sep, "/")
-            files[rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    _test_pause(url)
-    storage.write_json(storage.join(url, MANIFEST), {"files": dict(sorted(files.items()))})

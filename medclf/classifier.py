@@ -24,7 +24,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from medclf import checkpoint, models, storage
+from medclf import manifest, models, storage
 from medclf.errors import MedclfError
 
 FORMAT = "medclf-classifier/1"
@@ -119,9 +119,15 @@ def load_encoder(ref: str) -> tuple[nn.Module, object, str]:
 
 
 def fingerprint(where: str) -> str:
-    """Content hash of a model folder (names and bytes of every file); a hub id stands for itself."""
+    """Content hash of a model folder; a hub id stands for itself.
+
+    A folder published by medclf was verified against its manifest when it was resolved, so its
+    fingerprint comes from the manifest's hashes; another folder's files are hashed here, once.
+    """
     if not os.path.isdir(where):
         return "hub:" + where
+    if manifest.exists(where):
+        return manifest.fingerprint(manifest.read(where, "model"))
     digest = hashlib.sha256()
     for root, _, files in sorted(os.walk(where)):
         for name in sorted(files):
@@ -155,14 +161,14 @@ def save(url: str, head: Head, info: ClassifierInfo, encoder: Optional[nn.Module
             tokenizer.save_pretrained(os.path.join(tmp, "encoder"))
         with open(os.path.join(tmp, "classifier.json"), "w", encoding="utf-8") as f:
             f.write(json.dumps(asdict(info), indent=2) + "\n")
-        checkpoint.publish_dir(tmp, url)
+        manifest.publish_dir(tmp, url)
 
 
 def read_info(url: str) -> ClassifierInfo:
     """classifier.json, once every file of the folder has matched its manifest (size and SHA-256)."""
     if not storage.exists(storage.join(url, "classifier.json")):
         raise MedclfError(f"{url}: not a medclf classifier folder (no classifier.json)")
-    checkpoint.verify(url, what="classifier")
+    manifest.verify(url, what="classifier")
     raw = storage.read_json(storage.join(url, "classifier.json"))
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise MedclfError(f"{storage.join(url, 'classifier.json')}: not a medclf classifier ({FORMAT})")

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from medclf import checkpoint, config, data, evaluate, features, runtime, storage
+from medclf import config, data, evaluate, features, manifest, runtime, storage
 from medclf.classifier import Classifier, ClassifierInfo, Head, check_max_length, fingerprint, load_encoder, save
 from medclf.config import RunSpec
 from medclf.errors import MedclfError
@@ -220,7 +220,7 @@ def encoder_reference(spec: RunSpec, encoder: str) -> str:
         return spec.mlm.model
     if encoder == "adapted":
         ref = storage.join(spec.out, "mlm", "model")
-        if not storage.exists(storage.join(ref, checkpoint.MANIFEST)):  # written last: the model is complete
+        if not manifest.exists(ref):  # written last: the model is complete
             raise MedclfError(f"head.encoder=adapted: {ref} has no model yet; run `medclf mlm` first")
         return ref
     return encoder

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from accelerate.utils import broadcast
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, get_linear_schedule_with_warmup
 
-from medclf import checkpoint, config, data, models, runtime, storage
+from medclf import checkpoint, config, data, manifest, models, runtime, storage
 from medclf.config import RunSpec
 from medclf.errors import MedclfError, Preempted
 from medclf.masking import IGNORE, Masker, epoch_order, pack, token_stream
@@ -116,7 +116,7 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
     limit = model_config.max_position_embeddings - offset
     if cfg.max_length > limit:
         raise MedclfError(f"mlm.max_length: {cfg.max_length} is above what {cfg.model} accepts ({limit} positions)")
-    if storage.exists(storage.join(model_url, checkpoint.MANIFEST)) and not spec.overwrite:
+    if manifest.exists(model_url) and not spec.overwrite:
         raise MedclfError(f"{model_url}: output exists; set overwrite=true to replace it")
 
     # -- accelerator: the global batch fixes the accumulation, whatever the process count
@@ -144,7 +144,7 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
     else:
         resume_url = cfg.resume
         if main:
-            checkpoint.verify(resume_url)
+            manifest.verify(resume_url)
     if main and resume_url is None and spec.overwrite:
         storage.remove(out)
     accelerator.wait_for_everyone()
@@ -329,7 +329,7 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
         with tempfile.TemporaryDirectory() as local:
             raw.model.save_pretrained(local)
             tokenizer.save_pretrained(local)
-            checkpoint.publish_dir(local, model_url)
+            manifest.publish_dir(local, model_url)
         recent = [h[1] for h in state["history"][-cfg.log_every :]]
         storage.write_json(
             storage.join(out, "metrics.json"),

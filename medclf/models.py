@@ -14,7 +14,7 @@ import shutil
 import uuid
 from typing import Optional
 
-from medclf import storage
+from medclf import manifest, storage
 from medclf.errors import MedclfError
 
 # Encoders whose [CLS] vector, masked-LM head and WordPiece tokenizer fit this project.
@@ -39,7 +39,7 @@ def resolve(ref: str) -> str:
     if storage.is_local(ref):
         path = storage.local_path(ref)
         if os.path.isdir(path):
-            _check_manifest(path, ref)  # a model published by medclf: refuse a truncated or altered file
+            manifest.verify_if_present(path, "model")  # published by medclf: refuse a truncated or altered file
             check_bert_family(path, ref)
             return path
         if HUB_ID.match(path):
@@ -60,7 +60,7 @@ def _fetch(url: str, local: str) -> None:
     tmp = f"{local}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         storage.download_dir(url, tmp)
-        _check_manifest(tmp, url)
+        manifest.verify_if_present(tmp, "model")
         check_bert_family(tmp, url)
         open(os.path.join(tmp, ".complete"), "w").close()
         os.makedirs(os.path.dirname(local), exist_ok=True)
@@ -73,30 +73,6 @@ def _fetch(url: str, local: str) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _check_manifest(folder: str, url: str) -> None:
-    """A folder published by medclf lists its files in manifest.json, written last: all must match."""
-    path = os.path.join(folder, "manifest.json")
-    if not os.path.exists(path):
-        return  # a folder uploaded by other tools: nothing to check against
-    try:
-        with open(path, encoding="utf-8") as f:
-            listed = json.load(f).get("files", {})
-    except (ValueError, AttributeError):
-        raise MedclfError(f"{url}/manifest.json: not a valid manifest") from None
-    for name, expected in listed.items():
-        local = os.path.join(folder, *name.split("/"))
-        try:
-            size = os.path.getsize(local)
-            with open(local, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()
-        except FileNotFoundError:
-            raise MedclfError(f"{url}/{name}: listed in the manifest but missing") from None
-        if size != expected.get("size", size):
-            raise MedclfError(f"{url}/{name}: {size} bytes, the manifest says {expected['size']} (truncated?)")
-        if digest != expected.get("sha256"):
-            raise MedclfError(f"{url}/{name}: differs from the folder's manifest (SHA-256; altered or being replaced)")
 
 
 def _fingerprint(url: str) -> str:

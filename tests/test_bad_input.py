@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import pandas as pd
 import pytest
 
-from medclf import checkpoint, classifier, cli, runtime
+from medclf import classifier, cli, manifest, runtime
 from medclf.errors import EXIT_BAD_INPUT
 from tests.small_run import make_small_run
 
@@ -127,7 +127,7 @@ def write(name: str, text: str) -> Callable[[Path], None]:
 
 def publish(source: str, target: str) -> Callable[[Path], None]:
     def apply(run: Path) -> None:
-        checkpoint.publish_dir(str(run / source), str(run / target))
+        manifest.publish_dir(str(run / source), str(run / target))
 
     return apply
 

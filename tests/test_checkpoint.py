@@ -13,7 +13,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from medclf import checkpoint
+from medclf import checkpoint, manifest
 from medclf.errors import MedclfError
 
 
@@ -103,19 +103,19 @@ def test_an_altered_or_truncated_file_is_refused_by_name_and_the_previous_one_us
     data = (newest / "optimizer.safetensors").read_bytes()
     (newest / "optimizer.safetensors").write_bytes(data[:-7])
     with pytest.raises(MedclfError, match=r"step-0000002/optimizer\.safetensors: .* bytes, manifest says"):
-        checkpoint.verify(str(newest))
+        manifest.verify(str(newest))
     caplog.set_level(logging.WARNING)
     assert checkpoint.find_latest(str(tmp_path)) == str(tmp_path / "step-0000001")
     assert "skipping checkpoint" in caplog.text and "optimizer.safetensors" in caplog.text
 
     (newest / "optimizer.safetensors").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(MedclfError, match="SHA-256 differs"):
-        checkpoint.verify(str(newest))
+        manifest.verify(str(newest))
 
 
 def test_a_save_is_invisible_until_its_manifest_is_written(accelerator, tmp_path, monkeypatch):
     save(accelerator, tmp_path, 1)
-    monkeypatch.setenv(checkpoint.PAUSE_ENV, "1.5")
+    monkeypatch.setenv(manifest.PAUSE_ENV, "1.5")
     saving = threading.Thread(target=save, args=(accelerator, tmp_path, 2))
     saving.start()
     deadline = time.time() + 30
@@ -137,7 +137,7 @@ def test_only_the_last_k_complete_checkpoints_are_kept(accelerator, tmp_path):
     assert checkpoint.list_steps(str(tmp_path)) == [4, 5]
     with pytest.raises(MedclfError, match="incomplete checkpoint"):
         (tmp_path / "step-0000005" / "manifest.json").unlink()
-        checkpoint.verify(str(tmp_path / "step-0000005"))
+        manifest.verify(str(tmp_path / "step-0000005"))
     assert checkpoint.find_latest(str(tmp_path)) == str(tmp_path / "step-0000004")
 
 
@@ -159,7 +159,7 @@ def test_publish_dir_writes_the_manifest_after_the_files(tmp_path):
     (local / "sub").mkdir(parents=True)
     (local / "config.json").write_text("{}")
     (local / "sub" / "weights.bin").write_bytes(b"12345")
-    checkpoint.publish_dir(str(local), str(tmp_path / "model"))
-    manifest = json.loads((tmp_path / "model" / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"config.json", "sub/weights.bin"}
-    assert manifest["files"]["sub/weights.bin"]["size"] == 5
+    manifest.publish_dir(str(local), str(tmp_path / "model"))
+    listing = json.loads((tmp_path / "model" / "manifest.json").read_text())
+    assert set(listing["files"]) == {"config.json", "sub/weights.bin"}
+    assert listing["files"]["sub/weights.bin"]["size"] == 5

@@ -92,10 +92,10 @@ def test_a_damaged_checkpoint_is_passed_over_and_resume_falls_back(
 
 
 SAVED_MODEL_DAMAGE = [
-    (truncate, "model.safetensors", r"mlm/model/model\.safetensors: \d+ bytes, the manifest says"),
-    (flip_a_byte, "model.safetensors", r"mlm/model/model\.safetensors: differs from the folder's manifest"),
-    (flip_a_byte, "tokenizer.json", r"mlm/model/tokenizer\.json: differs from the folder's manifest"),
-    (delete, "manifest.json", r"mlm/model is incomplete|mlm/model has no model yet"),
+    (truncate, "model.safetensors", r"mlm/model/model\.safetensors: \d+ bytes, manifest says"),
+    (flip_a_byte, "model.safetensors", r"mlm/model/model\.safetensors: SHA-256 differs"),
+    (flip_a_byte, "tokenizer.json", r"mlm/model/tokenizer\.json: SHA-256 differs"),
+    (delete, "manifest.json", r"mlm/model has no model yet"),
 ]
 
 

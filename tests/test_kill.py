@@ -28,8 +28,8 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from medclf import checkpoint, cli, config, mlm
-from medclf.checkpoint import PAUSE_ENV
+from medclf import checkpoint, cli, config, manifest, mlm
+from medclf.manifest import PAUSE_ENV
 from medclf.mlm import STEP_SLEEP_ENV
 from tests.conftest import REPO
 from tests.test_bad_input import make_classifier
@@ -90,15 +90,15 @@ def complete_checkpoints(out: Path) -> list[int]:
     complete = []
     for step in checkpoint.list_steps(root):
         url = checkpoint.step_url(root, step)
-        if os.path.exists(os.path.join(url, checkpoint.MANIFEST)):
-            checkpoint.verify(url)  # raises, naming the file, if anything listed is short or altered
+        if os.path.exists(os.path.join(url, manifest.MANIFEST)):
+            manifest.verify(url)  # raises, naming the file, if anything listed is short or altered
             complete.append(step)
     latest = out / "mlm" / "checkpoints" / checkpoint.LATEST
     if latest.exists():  # the pointer is written after the manifest: it never names a partial save
         assert int(latest.read_text().strip().split("-")[1]) in complete
     model = out / "mlm" / "model"
-    if (model / checkpoint.MANIFEST).exists():
-        checkpoint.verify(str(model), "model")
+    if (model / manifest.MANIFEST).exists():
+        manifest.verify(str(model), "model")
     return complete
 
 

@@ -223,11 +223,11 @@ def test_a_brief_stall_is_retried_and_the_write_succeeds(s3):
 
 
 def test_model_folder_on_s3_is_fetched_once_and_checked_against_its_manifest(s3, tiny_bert, tmp_path, monkeypatch):
-    from medclf import checkpoint
+    from medclf import manifest
 
     monkeypatch.setattr(models, "CACHE", str(tmp_path / "cache"))
     url = f"{s3.url}/models/tiny-bert"
-    checkpoint.publish_dir(str(tiny_bert), url)  # as the mlm job publishes its adapted model
+    manifest.publish_dir(str(tiny_bert), url)  # as the mlm job publishes its adapted model
     local = models.resolve(url)
     assert pathlib.Path(local).parent == tmp_path / "cache" / "models"
     assert sorted(os.listdir(tmp_path / "cache" / "models")) == [os.path.basename(local)]  # no temporaries left
@@ -248,7 +248,7 @@ def test_model_folder_on_s3_is_fetched_once_and_checked_against_its_manifest(s3,
 def test_mlm_on_s3_fails_when_frozen_mid_checkpoint_and_resumes_exactly(
     s3, tiny_bert, mtsamples, tmp_path, monkeypatch, caplog
 ):
-    from medclf import checkpoint, mlm
+    from medclf import checkpoint, manifest, mlm
     from tests.test_mlm import TINY_ARGS, assert_same_weights, small_run
 
     # Everything on S3: the model folder, the prepared notes, checkpoints, the adapted model.
@@ -273,7 +273,7 @@ def test_mlm_on_s3_fails_when_frozen_mid_checkpoint_and_resumes_exactly(
     mlm.run(config.load("mlm", None, args("whole")))
 
     # -- the same run as a CLI job; the server freezes while checkpoint 6 is half-written
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MEDCLF_CACHE": str(tmp_path / "cache"), checkpoint.PAUSE_ENV: "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MEDCLF_CACHE": str(tmp_path / "cache"), manifest.PAUSE_ENV: "1"}
     command = [sys.executable, "-m", "medclf", "mlm", *args("faulty"), "storage.timeout_s=1", "storage.retries=1"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     half_written = f"pausing before the manifest of {s3.url}/faulty/mlm/checkpoints/step-0000006"

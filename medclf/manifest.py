@@ -1,0 +1,114 @@
+"""Manifests: the one proof that a folder (checkpoint, adapted model, classifier) is complete and intact.
+
+    <folder>/manifest.json    {"files": {name: {"size": ..., "sha256": ...}}, ...}, written LAST
+
+A folder without a manifest is an interrupted save and is never loaded; a file whose size or
+hash differs from the manifest is refused by name. Every folder medclf writes is built, written
+and verified here, so every job refuses a bad file with the same words, and a model's
+fingerprint is taken from its verified manifest instead of hashing its files again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Optional
+
+from medclf import storage
+from medclf.errors import MedclfError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+# Test hook: seconds to sleep after the files are written and before the manifest (of a checkpoint
+# or a published model), so a test can kill the job or freeze the storage while a save is half-done.
+PAUSE_ENV = "MEDCLF_TEST_PAUSE_IN_CHECKPOINT"
+
+
+def entry(data: bytes) -> dict:
+    """A file's line in a manifest."""
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def of_local_dir(folder: str) -> dict[str, dict]:
+    """{relative name: entry} of every file under a local folder."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, folder).replace(os.sep, "/")] = entry(f.read())
+    return files
+
+
+def write(url: str, files: dict[str, dict], **extra: object) -> None:
+    """The manifest of `url`, to be written after every file it lists."""
+    _test_pause(url)
+    storage.write_json(storage.join(url, MANIFEST), {**extra, "files": dict(sorted(files.items()))})
+
+
+def exists(url: str) -> bool:
+    """Whether `url` has a manifest, i.e. was completely written (verify() checks its files too)."""
+    return storage.exists(storage.join(url, MANIFEST))
+
+
+def publish_dir(local_dir: str, url: str) -> None:
+    """Upload a local folder (a save_pretrained model, a classifier) to `url`, its manifest written last."""
+    storage.remove(storage.join(url, MANIFEST))  # first: an older copy being replaced is never "complete"
+    storage.remove(url)
+    storage.upload_dir(local_dir, url)
+    write(url, of_local_dir(local_dir))
+
+
+def read(url: str, what: str = "checkpoint") -> dict:
+    """The manifest of `url`, refused when it is missing (an incomplete folder) or not a manifest."""
+    manifest_url = storage.join(url, MANIFEST)
+    if not storage.exists(manifest_url):
+        raise MedclfError(f"{url}: incomplete {what} (no {MANIFEST})")
+    manifest = storage.read_json(manifest_url)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise MedclfError(f"{manifest_url}: not a {what} manifest")
+    return manifest
+
+
+def read_verified(url: str, name: str, manifest: dict) -> bytes:
+    """A listed file's bytes, refused by name if its size or SHA-256 differs from the manifest."""
+    expected = manifest["files"].get(name)
+    file_url = storage.join(url, name)
+    if expected is None:
+        raise MedclfError(f"{file_url}: not listed in the manifest")
+    data = storage.read_bytes(file_url)
+    if len(data) != expected.get("size"):
+        raise MedclfError(f"{file_url}: {len(data)} bytes, manifest says {expected.get('size')} (truncated?)")
+    if hashlib.sha256(data).hexdigest() != expected.get("sha256"):
+        raise MedclfError(f"{file_url}: SHA-256 differs from the manifest (file altered)")
+    return data
+
+
+def verify(url: str, what: str = "checkpoint") -> dict:
+    """Check every file of `url` against its manifest; returns the manifest."""
+    manifest = read(url, what)
+    for name in manifest["files"]:
+        read_verified(url, name, manifest)
+    return manifest
+
+
+def verify_if_present(folder: str, what: str = "model") -> Optional[dict]:
+    """verify() for a folder published by medclf; None for one written by other tools (no manifest)."""
+    return verify(folder, what) if exists(folder) else None
+
+
+def fingerprint(manifest: dict) -> str:
+    """A content fingerprint of a verified folder, from the hashes its manifest lists."""
+    listing = sorted((name, e.get("sha256")) for name, e in manifest["files"].items())
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:20]
+
+
+def _test_pause(url: str) -> None:
+    pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
+    if pause:
+        log.warning("%s=%s: pausing before the manifest of %s", PAUSE_ENV, pause, url)
+        time.sleep(pause)
