@@ -13,11 +13,14 @@ loss is divided by the number of masked tokens in the whole global batch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from accelerate.utils import broadcast
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, get_linear_schedule_with_warmup
 
-from medclf import checkpoint, config, data, manifest, models, runtime, storage
+from medclf import checkpoint, config, data, layout, manifest, models, runtime, storage
 from medclf.config import RunSpec
 from medclf.errors import MedclfError, Preempted
 from medclf.masking import IGNORE, Masker, epoch_order, pack, token_stream
@@ -86,25 +89,90 @@ def adamw(groups: list, lr: float) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, lr=lr)
 
 
+@dataclass
+class TrainState:
+    """What the loop carries from step to step: the schema of a checkpoint's state.json."""
+
+    step: int = 0
+    history: list = field(default_factory=list)  # [step, loss, lr] of every step
+    val_before: Optional[dict] = None
+    train_seconds: float = 0.0
+    first_step_loss: Optional[float] = None
+    run: dict = field(default_factory=dict)  # the RESUME_KEYS values the run was made with
+    epoch: int = 0  # written at save time: where the data order stands (for a reader of state.json)
+    blocks_done_in_epoch: int = 0
+    world_size: int = 1  # written by checkpoint.save
+
+    @classmethod
+    def from_json(cls, saved: dict) -> TrainState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
+
+
+@dataclass
+class Blocks:
+    """The packed training blocks, their masker, and the fixed-mask validation batch."""
+
+    tokenizer: Any
+    train: list
+    starts: list
+    masker: Masker
+    val_inputs: torch.Tensor
+    val_labels: torch.Tensor
+    steps_per_epoch: int
+    total_steps: int
+
+
+@dataclass
+class Training:
+    """The prepared model, optimizer and schedule, and how one global batch is split over ranks."""
+
+    accelerator: Any
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    accumulation: int
+
+    @property
+    def raw(self) -> MaskedLM:
+        return self.accelerator.unwrap_model(self.model)
+
+
 def run(spec: RunSpec) -> None:
-    cfg = spec.mlm
-    out = storage.join(spec.out, "mlm")
-    checkpoints, model_url = storage.join(out, "checkpoints"), storage.join(out, "model")
-    train_urls = [cfg.train or storage.join(spec.out, "prepare", "train.csv"), *cfg.extra_text]
-    validation_url = cfg.validation or storage.join(spec.out, "prepare", "validation.csv")
-    stop = runtime.StopSignal()
-    try:
-        _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, stop)
-    finally:
-        stop.restore()
+    with runtime.StopSignal() as stop:
+        _run(spec, stop)
 
 
-def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, stop) -> None:
-    # -- check inputs before any heavy work
+def _run(spec: RunSpec, stop: runtime.StopSignal) -> None:
+    cfg, paths = spec.mlm, layout.Run(spec.out)
+    model_path, model_config = check_inputs(spec)
+    accelerator, accumulation = start_accelerator(spec)
+    resume_url = choose_resume(spec, accelerator)
+    blocks = load_blocks(spec, model_path, model_config, accelerator, accumulation)
+    t = build_training(cfg, model_path, accelerator, accumulation, blocks.total_steps)
+    state = resume(spec, t, blocks, resume_url)
+    if cfg.report_to != "none":
+        accelerator.init_trackers("medclf-mlm", config=_flat(config.to_dict(spec)))
+    if state.val_before is None:
+        state.val_before = evaluate(t, blocks, cfg.micro_batch_size)
+        log.info("validation before: loss %.4f, perplexity %.2f", *_loss_ppl(state.val_before))
+    train(spec, t, blocks, state, stop, saved_at=state.step if resume_url else None)
+    val_after = evaluate(t, blocks, cfg.micro_batch_size)
+    log.info("validation after: loss %.4f, perplexity %.2f", *_loss_ppl(val_after))
+    if accelerator.is_main_process:
+        publish(spec, t, blocks, state, val_after)
+        log.info("wrote %s and %s", paths.mlm_model, paths.mlm_metrics)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def check_inputs(spec: RunSpec) -> tuple[str, Any]:
+    """Everything that can be refused before any heavy work; returns the model folder and its config."""
+    cfg, paths = spec.mlm, layout.Run(spec.out)
     for key in ("max_length", "batch_size", "micro_batch_size", "checkpoint_every", "keep_last", "log_every"):
         if getattr(cfg, key) < 1:
             raise MedclfError(f"mlm.{key}: must be at least 1, got {getattr(cfg, key)}")
-    storage.check_writable(out)
+    storage.check_writable(paths.mlm)
     if not 0 < cfg.mlm_probability < 1:
         raise MedclfError(f"mlm.mlm_probability: must be between 0 and 1, got {cfg.mlm_probability}")
     model_path = models.resolve(cfg.model)
@@ -116,21 +184,30 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
     limit = model_config.max_position_embeddings - offset
     if cfg.max_length > limit:
         raise MedclfError(f"mlm.max_length: {cfg.max_length} is above what {cfg.model} accepts ({limit} positions)")
-    if manifest.exists(model_url) and not spec.overwrite:
-        raise MedclfError(f"{model_url}: output exists; set overwrite=true to replace it")
+    if manifest.exists(paths.mlm_model) and not spec.overwrite:
+        raise MedclfError(f"{paths.mlm_model}: output exists; set overwrite=true to replace it")
+    return model_path, model_config
 
-    # -- accelerator: the global batch fixes the accumulation, whatever the process count
+
+def start_accelerator(spec: RunSpec) -> tuple[Any, int]:
+    """The accelerator, seeded; the global batch fixes the accumulation, whatever the process count."""
+    cfg, paths = spec.mlm, layout.Run(spec.out)
     trackers_dir = None
     if cfg.report_to != "none":  # trackers write local files: next to the outputs, or a temp folder
-        local_out = storage.is_local(out)
-        trackers_dir = storage.local_path(storage.join(out, "trackers")) if local_out else tempfile.mkdtemp()
+        local_out = storage.is_local(paths.mlm)
+        trackers_dir = storage.local_path(paths.mlm_trackers) if local_out else tempfile.mkdtemp()
     accelerator = runtime.make_accelerator(report_to=cfg.report_to, project_dir=trackers_dir)
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    world = accelerator.num_processes
     accumulation = runtime.accumulation_steps(cfg.batch_size, cfg.micro_batch_size, world, key="mlm.batch_size")
     accelerator.gradient_accumulation_steps = accumulation
     runtime.seed_everything(spec.seed)
+    return accelerator, accumulation
 
-    # -- resume or start over: the main process picks a verified checkpoint and tells the others
+
+def choose_resume(spec: RunSpec, accelerator: Any) -> Optional[str]:
+    """The checkpoint to continue from, or None; the main process picks a verified one and tells the others."""
+    cfg, paths = spec.mlm, layout.Run(spec.out)
+    checkpoints, main = paths.mlm_checkpoints, accelerator.is_main_process
     resume_url = None
     if cfg.resume == "never":
         if checkpoint.list_steps(checkpoints) and not spec.overwrite:
@@ -146,15 +223,20 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
         if main:
             manifest.verify(resume_url)
     if main and resume_url is None and spec.overwrite:
-        storage.remove(out)
+        storage.remove(paths.mlm)
     accelerator.wait_for_everyone()
+    return resume_url
 
-    # -- data: tokenized once (main process first, then read from the cache), packed into full blocks
+
+def load_blocks(spec: RunSpec, model_path: str, model_config: Any, accelerator: Any, accumulation: int) -> Blocks:
+    """Tokenized once (main process first, then read from the cache), packed into full blocks."""
+    cfg, paths = spec.mlm, layout.Run(spec.out)
+    train_urls = [cfg.train or paths.prepared_train, *cfg.extra_text]
+    validation_url = cfg.validation or paths.prepared_validation
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    cache = storage.join(spec.out, "cache")
     with accelerator.main_process_first():
-        train_ids, train_starts = token_stream(_texts(train_urls, cfg.text_column), tokenizer, cache)
-        val_ids, val_starts = token_stream(_texts([validation_url], cfg.text_column), tokenizer, cache)
+        train_ids, train_starts = token_stream(_texts(train_urls, cfg.text_column), tokenizer, paths.cache)
+        val_ids, val_starts = token_stream(_texts([validation_url], cfg.text_column), tokenizer, paths.cache)
     blocks, starts = pack(train_ids, cfg.max_length), pack(train_starts, cfg.max_length)
     steps_per_epoch = len(blocks) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -183,11 +265,15 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
         steps_per_epoch,
         total_steps,
         len(val_blocks),
-        world,
+        accelerator.num_processes,
         accumulation,
     )
+    return Blocks(tokenizer, blocks, starts, masker, val_inputs, val_labels, steps_per_epoch, total_steps)
 
-    # -- model: a checkpoint without masked-LM head weights (MiniLM) gets a fresh head
+
+def build_training(cfg: Any, model_path: str, accelerator: Any, accumulation: int, total_steps: int) -> Training:
+    """The model (a checkpoint without masked-LM head weights, like MiniLM, gets a fresh head),
+    AdamW without decay on biases and LayerNorm weights (the 1-d parameters), and the schedule."""
     hf_model, loading = AutoModelForMaskedLM.from_pretrained(model_path, output_loading_info=True)
     if loading["missing_keys"]:
         log.warning(
@@ -197,8 +283,6 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
             ", ".join(sorted(loading["missing_keys"])[:4]),
         )
     model = MaskedLM(hf_model)
-
-    # -- optimizer (no decay on biases and LayerNorm weights: the 1-d parameters) and schedule
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(
         [
@@ -210,150 +294,162 @@ def _run(spec, cfg, out, checkpoints, model_url, train_urls, validation_url, sto
     scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
     # The scheduler stays unprepared: Accelerate would step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
-    raw = accelerator.unwrap_model(model)
+    return Training(accelerator, model, optimizer, scheduler, accumulation)
 
-    # -- resume: weights, optimizer, scheduler, every rank's RNG, position in the data
-    run_keys = {k: getattr(cfg, k) for k in RESUME_KEYS} | {"seed": spec.seed, "train_blocks": len(blocks)}
-    state = {"history": [], "val_before": None, "train_seconds": 0.0, "first_step_loss": None}
-    step = 0
-    if resume_url:
-        state = checkpoint.load(resume_url, accelerator, model=raw.model, optimizer=optimizer, scheduler=scheduler)
-        changed = [f"{k}={state['run'][k]!r} there, {v!r} now" for k, v in run_keys.items() if state["run"].get(k) != v]
-        if changed:
-            raise MedclfError(
-                f"{resume_url}: made with other settings ({'; '.join(changed)}); "
-                "resume=never overwrite=true starts over"
-            )
-        step = state["step"]
-        log.info("resumed from %s at step %d (epoch %d)", resume_url, step, step // steps_per_epoch)
-    if cfg.report_to != "none":
-        accelerator.init_trackers("medclf-mlm", config=_flat(config.to_dict(spec)))
 
-    def evaluate() -> dict:
-        return _evaluate(model, val_inputs, val_labels, accelerator, cfg.micro_batch_size)
-
-    if state["val_before"] is None:
-        state["val_before"] = evaluate()
-        log.info(
-            "validation before: loss %.4f, perplexity %.2f",
-            state["val_before"]["loss"],
-            state["val_before"]["perplexity"],
+def resume(spec: RunSpec, t: Training, blocks: Blocks, resume_url: Optional[str]) -> TrainState:
+    """A fresh state, or weights, optimizer, scheduler, every rank's RNG and the position in the data
+    restored from `resume_url`, refused when it was made with settings that shape the trajectory."""
+    cfg = spec.mlm
+    run_keys = {k: getattr(cfg, k) for k in RESUME_KEYS} | {"seed": spec.seed, "train_blocks": len(blocks.train)}
+    if not resume_url:
+        return TrainState(run=run_keys)
+    saved = checkpoint.load(resume_url, t.accelerator, model=t.raw.model, optimizer=t.optimizer, scheduler=t.scheduler)
+    changed = [f"{k}={saved['run'][k]!r} there, {v!r} now" for k, v in run_keys.items() if saved["run"].get(k) != v]
+    if changed:
+        raise MedclfError(
+            f"{resume_url}: made with other settings ({'; '.join(changed)}); resume=never overwrite=true starts over"
         )
+    state = TrainState.from_json(saved)
+    log.info("resumed from %s at step %d (epoch %d)", resume_url, state.step, state.step // blocks.steps_per_epoch)
+    return state
 
-    def save(at_step: int) -> str:
-        return checkpoint.save(
-            checkpoints,
-            at_step,
-            accelerator,
-            model=raw.model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            spec_yaml=config.to_yaml(spec),
-            state={
-                **state,
-                "run": run_keys,
-                "epoch": at_step // steps_per_epoch,
-                "blocks_done_in_epoch": at_step % steps_per_epoch * cfg.batch_size,
-            },
-            keep_last=cfg.keep_last,
-        )
 
-    # -- the loop: one global batch per step, split into this rank's micro-batches
-    tokens_per_step = cfg.batch_size * cfg.max_length
-    progress = runtime.Progress(accelerator, total_steps, start=step, desc="mlm", unit="tokens")
+def train(
+    spec: RunSpec, t: Training, blocks: Blocks, state: TrainState, stop: runtime.StopSignal, saved_at: Optional[int]
+) -> None:
+    """One global batch per step until total_steps; checkpoints on schedule, and stops (all ranks
+    agree) after a SIGTERM/SIGUSR1 with a checkpoint of the step reached."""
+    cfg, accelerator, total_steps = spec.mlm, t.accelerator, blocks.total_steps
+    progress = runtime.Progress(accelerator, total_steps, start=state.step, desc="mlm", unit="tokens")
     step_sleep = float(os.environ.get(STEP_SLEEP_ENV, "0") or 0)
-    model.train()
-    order, order_epoch, saved_at = None, None, step if resume_url else None
-    while step < total_steps:
+    t.model.train()
+    while state.step < total_steps:
         started = time.perf_counter()
-        epoch, position = divmod(step, steps_per_epoch)
-        if order_epoch != epoch:
-            order, order_epoch = epoch_order(len(blocks), spec.seed, epoch), epoch
-        indices = order[position * cfg.batch_size : (position + 1) * cfg.batch_size]
-        inputs, labels = masker.batch(blocks, starts, indices, spec.seed, epoch)
-        masked = max(int((labels != IGNORE).sum()), 1)
-        # DDP averages gradients over ranks and backward() divides by the accumulation: undo both,
-        # so the gradient is the global batch's mean loss over its masked tokens.
-        scale = world * accumulation / masked
-
-        # forward and backward; clip and step once the last micro-batch has synced gradients
-        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        for micro in range(accumulation):
-            first = (micro * world + rank) * cfg.micro_batch_size
-            rows = slice(first, first + cfg.micro_batch_size)
-            with accelerator.accumulate(model):
-                loss = model(inputs[rows].to(accelerator.device), labels[rows].to(accelerator.device))
-                accelerator.backward(loss * scale)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            loss_sum += loss.detach().double()
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        step += 1
-        step_loss = accelerator.reduce(loss_sum, reduction="sum").item() / masked
-        state["train_seconds"] += time.perf_counter() - started
-        if state["first_step_loss"] is None:
-            state["first_step_loss"] = step_loss
-
-        # log
-        progress.update(tokens_per_step, loss=step_loss, lr=lr)
-        state["history"].append([step, step_loss, lr])
-        if step % cfg.log_every == 0 or step == total_steps:
-            progress.log(loss=step_loss, lr=lr)
-            accelerator.log({"train/loss": step_loss, "train/lr": lr, "train/tokens_per_s": progress.rate()}, step=step)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-            val = evaluate()
-            progress.log(val_loss=val["loss"], val_perplexity=val["perplexity"])
-            accelerator.log({"val/loss": val["loss"], "val/perplexity": val["perplexity"]}, step=step)
-
-        # checkpoint, and stop (all ranks agree) after a SIGTERM/SIGUSR1
+        step_loss, lr = train_step(t, blocks, cfg, spec.seed, state.step)
+        state.step += 1
+        state.train_seconds += time.perf_counter() - started
+        if state.first_step_loss is None:
+            state.first_step_loss = step_loss
+        log_step(t, blocks, cfg, state, progress, step_loss, lr)
         if step_sleep:
             time.sleep(step_sleep)
-        if step % cfg.checkpoint_every == 0 or step == total_steps:
-            save(step)
-            saved_at = step
-        if step < total_steps and stop.requested(accelerator):
-            url = save(step) if saved_at != step else checkpoint.step_url(checkpoints, step)
+        if state.step % cfg.checkpoint_every == 0 or state.step == total_steps:
+            save(spec, t, blocks, state)
+            saved_at = state.step
+        if state.step < total_steps and stop.requested(accelerator):
+            url = save(spec, t, blocks, state) if saved_at != state.step else None
+            url = url or checkpoint.step_url(layout.Run(spec.out).mlm_checkpoints, state.step)
             progress.close()
-            raise Preempted(f"stopped at step {step}/{total_steps}; checkpoint {url}")
+            raise Preempted(f"stopped at step {state.step}/{total_steps}; checkpoint {url}")
     progress.close()
-    if saved_at != step:  # resumed from the final checkpoint: make sure it is there
-        save(step)
+    if saved_at != state.step:  # resumed from the final checkpoint: make sure it is there
+        save(spec, t, blocks, state)
 
-    # -- final evaluation, the adapted model (manifest last) and the metrics
-    val_after = evaluate()
-    log.info("validation after: loss %.4f, perplexity %.2f", val_after["loss"], val_after["perplexity"])
-    if main:
-        with tempfile.TemporaryDirectory() as local:
-            raw.model.save_pretrained(local)
-            tokenizer.save_pretrained(local)
-            manifest.publish_dir(local, model_url)
-        recent = [h[1] for h in state["history"][-cfg.log_every :]]
-        storage.write_json(
-            storage.join(out, "metrics.json"),
-            {
-                "model": cfg.model,
-                "world_size": world,
-                "steps": step,
-                "epochs": step / steps_per_epoch,
-                "global_batch_blocks": cfg.batch_size,
-                "max_length": cfg.max_length,
-                "train_blocks": len(blocks),
-                "validation_blocks": len(val_blocks),
-                "first_step_loss": state["first_step_loss"],
-                "train_loss": sum(recent) / len(recent) if recent else None,
-                "val_before": state["val_before"],
-                "val_after": val_after,
-                "tokens_per_s": step * tokens_per_step / state["train_seconds"] if state["train_seconds"] else None,
-                "train_seconds": state["train_seconds"],
-                "history": state["history"],
-            },
-        )
-        log.info("wrote %s and %s", model_url, storage.join(out, "metrics.json"))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+
+def train_step(t: Training, blocks: Blocks, cfg: Any, seed: int, step: int) -> tuple[float, float]:
+    """Forward and backward over this rank's micro-batches of global batch `step`, then one optimizer
+    and scheduler step; returns the batch's loss per masked token (all ranks) and the lr used."""
+    accelerator, world, rank = t.accelerator, t.accelerator.num_processes, t.accelerator.process_index
+    epoch, position = divmod(step, blocks.steps_per_epoch)
+    order = _epoch_order(len(blocks.train), seed, epoch)
+    indices = order[position * cfg.batch_size : (position + 1) * cfg.batch_size]
+    inputs, labels = blocks.masker.batch(blocks.train, blocks.starts, indices, seed, epoch)
+    masked = max(int((labels != IGNORE).sum()), 1)
+    # DDP averages gradients over ranks and backward() divides by the accumulation: undo both,
+    # so the gradient is the global batch's mean loss over its masked tokens.
+    scale = world * t.accumulation / masked
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for micro in range(t.accumulation):
+        first = (micro * world + rank) * cfg.micro_batch_size
+        rows = slice(first, first + cfg.micro_batch_size)
+        with accelerator.accumulate(t.model):
+            loss = t.model(inputs[rows].to(accelerator.device), labels[rows].to(accelerator.device))
+            accelerator.backward(loss * scale)
+            # clip and step once the last micro-batch has synced gradients
+            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(t.model.parameters(), cfg.max_grad_norm)
+            t.optimizer.step()
+            t.optimizer.zero_grad()
+        loss_sum += loss.detach().double()
+    lr = t.scheduler.get_last_lr()[0]
+    t.scheduler.step()
+    return accelerator.reduce(loss_sum, reduction="sum").item() / masked, lr
+
+
+@functools.lru_cache(maxsize=1)
+def _epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's block order, computed once per epoch (it depends only on seed and epoch)."""
+    return epoch_order(count, seed, epoch)
+
+
+def log_step(
+    t: Training, blocks: Blocks, cfg: Any, state: TrainState, progress: runtime.Progress, loss: float, lr: float
+) -> None:
+    """Progress bar, history, the log line every log_every steps, and validation every eval_every."""
+    step, total_steps = state.step, blocks.total_steps
+    progress.update(cfg.batch_size * cfg.max_length, loss=loss, lr=lr)
+    state.history.append([step, loss, lr])
+    if step % cfg.log_every == 0 or step == total_steps:
+        progress.log(loss=loss, lr=lr)
+        t.accelerator.log({"train/loss": loss, "train/lr": lr, "train/tokens_per_s": progress.rate()}, step=step)
+    if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+        val = evaluate(t, blocks, cfg.micro_batch_size)
+        progress.log(val_loss=val["loss"], val_perplexity=val["perplexity"])
+        t.accelerator.log({"val/loss": val["loss"], "val/perplexity": val["perplexity"]}, step=step)
+
+
+def save(spec: RunSpec, t: Training, blocks: Blocks, state: TrainState) -> str:
+    """A checkpoint of the step reached (every rank calls this); returns its URL."""
+    state.epoch, position = divmod(state.step, blocks.steps_per_epoch)
+    state.blocks_done_in_epoch = position * spec.mlm.batch_size
+    state.world_size = t.accelerator.num_processes
+    return checkpoint.save(
+        layout.Run(spec.out).mlm_checkpoints,
+        state.step,
+        t.accelerator,
+        model=t.raw.model,
+        optimizer=t.optimizer,
+        scheduler=t.scheduler,
+        spec_yaml=config.to_yaml(spec),
+        state=asdict(state),
+        keep_last=spec.mlm.keep_last,
+    )
+
+
+def publish(spec: RunSpec, t: Training, blocks: Blocks, state: TrainState, val_after: dict) -> None:
+    """The adapted model (save_pretrained, manifest last) and metrics.json; main process only."""
+    cfg, paths = spec.mlm, layout.Run(spec.out)
+    with tempfile.TemporaryDirectory() as local:
+        t.raw.model.save_pretrained(local)
+        blocks.tokenizer.save_pretrained(local)
+        manifest.publish_dir(local, paths.mlm_model)
+    recent = [h[1] for h in state.history[-cfg.log_every :]]
+    tokens = state.step * cfg.batch_size * cfg.max_length
+    storage.write_json(
+        paths.mlm_metrics,
+        {
+            "model": cfg.model,
+            "world_size": t.accelerator.num_processes,
+            "steps": state.step,
+            "epochs": state.step / blocks.steps_per_epoch,
+            "global_batch_blocks": cfg.batch_size,
+            "max_length": cfg.max_length,
+            "train_blocks": len(blocks.train),
+            "validation_blocks": len(blocks.val_inputs),
+            "first_step_loss": state.first_step_loss,
+            "train_loss": sum(recent) / len(recent) if recent else None,
+            "val_before": state.val_before,
+            "val_after": val_after,
+            "tokens_per_s": tokens / state.train_seconds if state.train_seconds else None,
+            "train_seconds": state.train_seconds,
+            "history": state.history,
+        },
+    )
+
+
+def _loss_ppl(val: dict) -> tuple[float, float]:
+    return val["loss"], val["perplexity"]
 
 
 def _texts(urls: list[str], column: str) -> list[str]:
@@ -369,9 +465,10 @@ def _texts(urls: list[str], column: str) -> list[str]:
     return list(dict.fromkeys(texts))
 
 
-def _evaluate(model, inputs: torch.Tensor, labels: torch.Tensor, accelerator, micro_batch: int) -> dict:
+def evaluate(t: Training, blocks: Blocks, micro_batch: int) -> dict:
     """Loss and perplexity on the fixed-mask validation blocks, each rank a strided share of them."""
-    raw = accelerator.unwrap_model(model)
+    accelerator, raw = t.accelerator, t.raw
+    inputs, labels = blocks.val_inputs, blocks.val_labels
     raw.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     mine = np.arange(accelerator.process_index, len(inputs), accelerator.num_processes)

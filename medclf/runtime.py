@@ -108,6 +108,7 @@ class Progress:
 class StopSignal:
     """Turns SIGTERM/SIGUSR1 (what Slurm sends before a time limit or preemption) into a flag.
 
+    Used as `with StopSignal() as stop:`, which puts the previous handlers back on the way out.
     The loop asks `requested()` at step boundaries; all ranks agree (any rank signalled means
     all stop), so every rank saves the same checkpoint and none is left waiting in a collective.
     """
@@ -128,6 +129,12 @@ class StopSignal:
         if accelerator.num_processes > 1:
             flag = accelerator.reduce(flag, reduction="sum")
         return bool(flag.item() > 0)
+
+    def __enter__(self) -> "StopSignal":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
 
     def restore(self) -> None:
         for s, handler in self._previous.items():

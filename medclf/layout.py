@@ -1,0 +1,89 @@
+"""The layout of a run folder, named once: every job finds its inputs and outputs here.
+
+<out>/prepare/{train,validation,all}.csv, labels.json, stats.json   the prepare job
+<out>/cache/                        tokenized text (masked-LM job)
+<out>/mlm/checkpoints/step-NNNNNNN/ resumable training state
+<out>/mlm/model/                    the adapted encoder (manifest last)
+<out>/mlm/metrics.json, trackers/   its metrics and tracker logs
+<out>/features/                     cached encoder features (head, evaluate, compare)
+<out>/head-<name>/                  a head: model/, metrics.json, report.md, confusion.png, spec.yaml
+<out>/evaluate/<name>/              an evaluate job's report
+<out>/comparison.{md,json}          the compare job
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medclf import storage
+
+
+@dataclass(frozen=True)
+class Run:
+    """The URLs of one run folder `out`."""
+
+    out: str
+
+    def _at(self, *parts: str) -> str:
+        return storage.join(self.out, *parts)
+
+    @property
+    def prepare(self) -> str:
+        return self._at("prepare")
+
+    @property
+    def prepared_train(self) -> str:
+        return self._at("prepare", "train.csv")
+
+    @property
+    def prepared_validation(self) -> str:
+        return self._at("prepare", "validation.csv")
+
+    @property
+    def labels(self) -> str:
+        return self._at("prepare", "labels.json")
+
+    @property
+    def cache(self) -> str:
+        return self._at("cache")
+
+    @property
+    def mlm(self) -> str:
+        return self._at("mlm")
+
+    @property
+    def mlm_checkpoints(self) -> str:
+        return self._at("mlm", "checkpoints")
+
+    @property
+    def mlm_model(self) -> str:
+        return self._at("mlm", "model")
+
+    @property
+    def mlm_metrics(self) -> str:
+        return self._at("mlm", "metrics.json")
+
+    @property
+    def mlm_trackers(self) -> str:
+        return self._at("mlm", "trackers")
+
+    @property
+    def features(self) -> str:
+        return self._at("features")
+
+    def head(self, name: str) -> str:
+        return self._at(f"head-{name}")
+
+    def head_model(self, name: str) -> str:
+        return self._at(f"head-{name}", "model")
+
+    def evaluation(self, name: str) -> str:
+        return self._at("evaluate", name)
+
+    @property
+    def comparison_md(self) -> str:
+        return self._at("comparison.md")
+
+    @property
+    def comparison_json(self) -> str:
+        return self._at("comparison.json")
