@@ -21,7 +21,6 @@ from torch.utils.data import TensorDataset
 from medclf import data, evaluate, features, models, runtime, storage
 from medclf.classifier import Classifier, Head, check_max_length, fingerprint, load_encoder
 from medclf.config import RunSpec
-from medclf.errors import MedclfError
 from medclf.head import encoder_reference, fit
 
 log = logging.getLogger(__name__)
@@ -29,12 +28,6 @@ log = logging.getLogger(__name__)
 
 def run(spec: RunSpec) -> None:
     cfg, head_cfg = spec.compare, spec.head
-    if len(cfg.encoders) != 2:
-        raise MedclfError(f"compare.encoders: needs exactly two encoders (baseline, candidate), got {cfg.encoders}")
-    if cfg.seeds < 1:
-        raise MedclfError(f"compare.seeds={cfg.seeds}: needs at least 1")
-    if not head_cfg.freeze:
-        raise MedclfError("compare uses cached features of frozen encoders; set head.freeze=true")
     out_md, out_json = storage.join(spec.out, "comparison.md"), storage.join(spec.out, "comparison.json")
     storage.check_output(out_md, spec.overwrite)
     refs = [encoder_reference(spec, e) for e in cfg.encoders]  # fails early if the adapted model is missing

@@ -1,7 +1,9 @@
 """Typed job specs: one YAML file for a whole run, one dataclass per section, dotted overrides.
 
-Everything is checked before any model or GPU work: an unknown key, a wrong type or a missing
-required value is one error line naming the key (all problems at once, separated by "; ").
+Everything is checked before any model or GPU work: an unknown key, a wrong type, a missing
+required value or a value out of range is one error line naming the key (all problems at once,
+separated by "; "). Each section states its own ranges in `problems()`; `load` asks the sections
+the job uses. Checks that need the model, the data or the process count stay in the jobs.
 """
 
 from __future__ import annotations
@@ -25,6 +27,20 @@ def opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+def _at_least(section: Any, prefix: str, low: float, *keys: str) -> list[str]:
+    """`prefix.key: must be at least low` for each key below `low` (values of a wrong type are
+    already reported by the type check)."""
+    return [
+        f"{prefix}.{key}: must be at least {low}, got {getattr(section, key)}"
+        for key in keys
+        if _is_number(getattr(section, key)) and getattr(section, key) < low
+    ]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 # The original experiment kept specialties above 5% of rows and shortened two of the names.
 ORIGINAL_SHORT_NAMES = {
     "Consult - History and Phy.": "Consult",
@@ -41,6 +57,11 @@ class StorageSpec:
     timeout_s: float = opt(60.0, "bound on any single storage request, so a stalled server cannot hang a job")
     retries: int = opt(3, "attempts per S3 request before the job fails")
     block_size_mib: int = opt(50, "S3 upload part size (>= 5); a larger file goes up as a multipart upload")
+
+    def problems(self) -> list[str]:
+        if _is_number(self.block_size_mib) and self.block_size_mib < 5:
+            return [f"storage.block_size_mib: S3 parts are at least 5 MiB, got {self.block_size_mib}"]
+        return []
 
 
 @dataclass
@@ -87,6 +108,18 @@ class MlmSpec:
     report_to: str = opt("none", "accelerate trackers: none, tensorboard, wandb, ... (comma separated)")
     eval_blocks: Optional[int] = opt(None, "evaluate on the first N validation blocks only (None: all)")
 
+    def problems(self) -> list[str]:
+        found = _at_least(
+            self, "mlm", 1, "max_length", "batch_size", "micro_batch_size", "checkpoint_every", "keep_last", "log_every"
+        )
+        if _is_number(self.mlm_probability) and not 0 < self.mlm_probability < 1:
+            found.append(f"mlm.mlm_probability: must be between 0 and 1, got {self.mlm_probability}")
+        if _is_number(self.max_steps) and self.max_steps < 1:
+            found.append(f"mlm.max_steps: must be at least 1 (null trains for mlm.epochs), got {self.max_steps}")
+        if isinstance(self.resume, str) and self.resume not in ("auto", "never") and not _looks_like_url(self.resume):
+            found.append(f"mlm.resume: must be auto, never or a checkpoint URL, got {self.resume!r}")
+        return found
+
 
 @dataclass
 class HeadSpec:
@@ -118,6 +151,12 @@ class CompareSpec:
     seeds: int = opt(5, "heads trained per encoder, seeds run seed .. seed+N-1")
     bootstrap: int = opt(10000, "paired bootstrap resamples for the F1 difference interval")
 
+    def problems(self) -> list[str]:
+        found = _at_least(self, "compare", 1, "seeds")
+        if isinstance(self.encoders, list) and len(self.encoders) != 2:
+            found.append(f"compare.encoders: needs exactly two encoders (baseline, candidate), got {self.encoders}")
+        return found
+
 
 @dataclass
 class PredictSpec:
@@ -127,6 +166,9 @@ class PredictSpec:
     text_column: str = opt("transcription", "column holding the text")
     batch_size: int = opt(64, "notes per forward pass")
     chunk_rows: int = opt(20000, "rows read, classified and written at a time (bounded memory)")
+
+    def problems(self) -> list[str]:
+        return _at_least(self, "predict", 1, "chunk_rows", "batch_size")
 
 
 @dataclass
@@ -159,6 +201,34 @@ REQUIRED = {
 }
 
 
+# The sections each job reads (besides the top level and storage): their ranges are checked.
+SECTIONS = {"prepare": ["prepare"], "mlm": ["mlm"], "head": ["head"], "evaluate": ["evaluate"]}
+SECTIONS |= {"compare": ["compare", "head"], "predict": ["predict"]}
+
+
+def _looks_like_url(text: str) -> bool:
+    """A folder path or URL, as opposed to a bare word (a mistyped keyword such as `atuo`)."""
+    return "/" in text or "\\" in text
+
+
+def range_problems(job: str, spec: RunSpec) -> list[str]:
+    """The range and cross-section problems of the parts of `spec` that `job` uses."""
+    found = spec.storage.problems()
+    for name in SECTIONS.get(job, []):
+        section = getattr(spec, name)
+        found += section.problems() if hasattr(section, "problems") else []
+    if job == "compare" and spec.head.freeze is not True:
+        found.append("head.freeze: compare uses cached features of frozen encoders; set head.freeze=true")
+    return found
+
+
+def check(section: Any) -> None:
+    """Raise one MedclfError with every range problem of a section built outside `load`."""
+    found = section.problems()
+    if found:
+        raise MedclfError("; ".join(found))
+
+
 # ---------------------------------------------------------------- loading and checking
 
 
@@ -188,6 +258,7 @@ def load(job: str, spec_text: Optional[str], overrides: list[str], source: str =
     for key in REQUIRED.get(job, []):
         if _get_path(spec, key.split(".")) in (None, ""):
             problems.append(f"{key}: required for {job} but not set")
+    problems += range_problems(job, spec)
     if problems:
         raise MedclfError(f"{source}: " + "; ".join(problems))
     return spec

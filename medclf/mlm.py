@@ -169,12 +169,7 @@ def _run(spec: RunSpec, stop: runtime.StopSignal) -> None:
 def check_inputs(spec: RunSpec) -> tuple[str, Any]:
     """Everything that can be refused before any heavy work; returns the model folder and its config."""
     cfg, paths = spec.mlm, layout.Run(spec.out)
-    for key in ("max_length", "batch_size", "micro_batch_size", "checkpoint_every", "keep_last", "log_every"):
-        if getattr(cfg, key) < 1:
-            raise MedclfError(f"mlm.{key}: must be at least 1, got {getattr(cfg, key)}")
     storage.check_writable(paths.mlm)
-    if not 0 < cfg.mlm_probability < 1:
-        raise MedclfError(f"mlm.mlm_probability: must be between 0 and 1, got {cfg.mlm_probability}")
     model_path = models.resolve(cfg.model)
     try:
         model_config = AutoConfig.from_pretrained(model_path)

@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 
 def run(spec: RunSpec) -> None:
     cfg = spec.predict
-    if cfg.chunk_rows < 1 or cfg.batch_size < 1:
-        raise MedclfError(f"predict.chunk_rows={cfg.chunk_rows}, predict.batch_size={cfg.batch_size}: must be ≥ 1")
     storage.check_output(cfg.output, spec.overwrite)
     accelerator = runtime.make_accelerator()
     model, tokenizer, info = classifier.load(cfg.model)

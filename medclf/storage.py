@@ -36,12 +36,11 @@ def configure(storage_spec: Any) -> None:
     Credentials stay in the environment or the AWS profile; nothing here is printed or logged.
     """
     global _s3_options
-    if storage_spec is None:
-        from medclf.config import StorageSpec
+    from medclf import config
 
-        storage_spec = StorageSpec()
-    if storage_spec.block_size_mib < 5:
-        raise MedclfError(f"storage.block_size_mib: S3 parts are at least 5 MiB, got {storage_spec.block_size_mib}")
+    if storage_spec is None:
+        storage_spec = config.StorageSpec()
+    config.check(storage_spec)  # a spec built in code, not by config.load, is checked here too
     client_kwargs: dict[str, Any] = {}
     if storage_spec.endpoint_url:
         client_kwargs["endpoint_url"] = storage_spec.endpoint_url

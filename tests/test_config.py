@@ -96,3 +96,40 @@ def test_describe_lists_every_key_with_default():
 def test_resolved_spec_round_trips_through_yaml():
     spec = load("out: o\nmlm: {lr: 3.0e-5}")
     assert config.load("mlm", config.to_yaml(spec), []) == spec
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["mlm.resume=atuo"], "mlm.resume: must be auto, never or a checkpoint URL, got 'atuo'"),
+        (["mlm.max_steps=0"], "mlm.max_steps: must be at least 1"),
+        (["mlm.keep_last=0"], "mlm.keep_last: must be at least 1, got 0"),
+        (["mlm.mlm_probability=1.5"], "mlm.mlm_probability: must be between 0 and 1, got 1.5"),
+        (["storage.block_size_mib=4"], "storage.block_size_mib: S3 parts are at least 5 MiB, got 4"),
+    ],
+)
+def test_values_out_of_range_are_refused_by_key(overrides, message):
+    with pytest.raises(MedclfError) as e:
+        load("out: o", *overrides)
+    assert message in str(e.value)
+
+
+def test_resume_accepts_auto_never_and_urls():
+    for value in ("auto", "never", "out/mlm/checkpoints/step-0000003", "s3://bucket/run/mlm/checkpoints/step-0000003"):
+        assert load("out: o", f"mlm.resume={value}").mlm.resume == value
+
+
+def test_range_problems_are_reported_with_the_type_problems_in_one_line():
+    with pytest.raises(MedclfError) as e:
+        load("out: o\nmlm: {epochs: x, max_steps: 0, resume: atuo, batch_size: 0}")
+    text = str(e.value)
+    for key in ("mlm.epochs: expected int", "mlm.max_steps", "mlm.resume", "mlm.batch_size"):
+        assert key in text
+
+
+def test_each_job_checks_the_sections_it_uses():
+    with pytest.raises(MedclfError, match="compare.seeds: must be at least 1.*head.freeze: compare uses cached"):
+        config.load("compare", "out: o", ["compare.seeds=0", "head.freeze=false"])
+    with pytest.raises(MedclfError, match="predict.chunk_rows: must be at least 1, got 0"):
+        config.load("predict", None, ["model=m", "input=i.csv", "output=o.csv", "chunk_rows=0"])
+    assert config.load("mlm", "out: o", ["compare.seeds=0"]).compare.seeds == 0  # not a section mlm reads
