@@ -24,7 +24,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from medclf import manifest, models, storage
+from medclf import layout, manifest, models, storage
+from medclf.config import RunSpec
 from medclf.errors import MedclfError
 
 FORMAT = "medclf-classifier/1"
@@ -99,12 +100,13 @@ class ClassifierInfo:
 # ---------------------------------------------------------------- encoders
 
 
-def load_encoder(ref: str) -> tuple[nn.Module, object, str]:
-    """(encoder, tokenizer, local folder or hub id) for any model reference models.resolve accepts."""
+def load_encoder(ref: str, where: Optional[str] = None) -> tuple[nn.Module, object, str]:
+    """(encoder, tokenizer, local folder or hub id) for any model reference models.resolve accepts
+    (`where`: models.resolve's answer, when the caller has it already)."""
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    where = models.resolve(ref)
+    where = where or models.resolve(ref)
     # An mlm checkpoint carries an unused masked-LM head and no pooler; that is expected here.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -116,6 +118,18 @@ def load_encoder(ref: str) -> tuple[nn.Module, object, str]:
     finally:
         hf_logging.set_verbosity(verbosity)
     return encoder, tokenizer, where
+
+
+def encoder_reference(spec: RunSpec, encoder: str) -> str:
+    """pretrained -> mlm.model; adapted -> <out>/mlm/model (which must exist); else the reference itself."""
+    if encoder == "pretrained":
+        return spec.mlm.model
+    if encoder == "adapted":
+        ref = layout.Run(spec.out).mlm_model
+        if not manifest.exists(ref):  # written last: the model is complete
+            raise MedclfError(f"head.encoder=adapted: {ref} has no model yet; run `medclf mlm` first")
+        return ref
+    return encoder
 
 
 def fingerprint(where: str) -> str:
@@ -178,9 +192,10 @@ def read_info(url: str) -> ClassifierInfo:
         raise MedclfError(f"{storage.join(url, 'classifier.json')}: {e}") from None
 
 
-def load(url: str) -> tuple[Classifier, object, ClassifierInfo]:
-    """(classifier in eval mode, tokenizer, info) from a folder written by `save`."""
-    info = read_info(url)
+def load(url: str, info: Optional[ClassifierInfo] = None) -> tuple[Classifier, object, ClassifierInfo]:
+    """(classifier in eval mode, tokenizer, info) from a folder written by `save` (`info`: read_info's
+    result, when the caller has already read and verified the folder)."""
+    info = info or read_info(url)
     ref = storage.join(url, "encoder") if info.encoder == "encoder" else info.encoder
     encoder, tokenizer, where = load_encoder(ref)
     check_max_length(info.max_length, where, ref, f"{storage.join(url, 'classifier.json')}: max_length")

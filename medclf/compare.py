@@ -18,77 +18,87 @@ import torch
 from scipy import stats
 from torch.utils.data import TensorDataset
 
-from medclf import data, evaluate, features, models, runtime, storage
-from medclf.classifier import Classifier, Head, check_max_length, fingerprint, load_encoder
+from medclf import data, features, layout, models, report, runtime, storage
+from medclf.classifier import Classifier, Head, check_max_length, encoder_reference, fingerprint, load_encoder
 from medclf.config import RunSpec
-from medclf.head import encoder_reference, fit
+from medclf.training import fit, probabilities
 
 log = logging.getLogger(__name__)
 
 
 def run(spec: RunSpec) -> None:
-    cfg, head_cfg = spec.compare, spec.head
-    out_md, out_json = storage.join(spec.out, "comparison.md"), storage.join(spec.out, "comparison.json")
-    storage.check_output(out_md, spec.overwrite)
+    cfg, head_cfg, paths = spec.compare, spec.head, layout.Run(spec.out)
+    storage.check_output(paths.comparison_md, spec.overwrite)
     refs = [encoder_reference(spec, e) for e in cfg.encoders]  # fails early if the adapted model is missing
-    for ref in refs:  # both encoders checked before either is run, so a bad second one leaves nothing behind
-        check_max_length(head_cfg.max_length, models.resolve(ref), ref, "head.max_length")
+    wheres = [models.resolve(ref) for ref in refs]  # each folder verified (hashed) once, here
+    for ref, where in zip(refs, wheres, strict=True):  # both checked before either is run: a bad second leaves nothing
+        check_max_length(head_cfg.max_length, where, ref, "head.max_length")
 
     # -- data
-    classes, (train_url, train_df, train_y), (validation_url, validation_df, validation_y) = data.read_splits(
-        spec.out, head_cfg.train, head_cfg.validation
-    )
-    label_sets = evaluate.note_labels(spec.out, validation_df)
+    classes, train, validation = data.read_splits(spec.out, head_cfg.train, head_cfg.validation)
+    label_sets = report.note_labels(spec.out, validation[1])
     accelerator = runtime.make_accelerator()
 
     # -- per encoder: features (cached), then one head per seed
     seeds = [spec.seed + i for i in range(cfg.seeds)]
     runs: dict[str, list[dict]] = {}
     probs: dict[str, np.ndarray] = {}
-    for keyword, ref in zip(cfg.encoders, refs, strict=True):
-        encoder, tokenizer, where = load_encoder(ref)
-        check_max_length(head_cfg.max_length, where, ref, "head.max_length")
-        model = Classifier(encoder, Head(encoder.config.hidden_size, len(classes)), head_cfg.pooling, frozen=True)
-        cached = dict(
-            max_length=head_cfg.max_length,
-            batch_size=head_cfg.encode_batch_size,
-            accelerator=accelerator,
-            cache_dir=storage.join(spec.out, "features"),
-            encoder_fingerprint=fingerprint(where),
-        )
-        train_x = features.cached_encode(model, tokenizer, train_df[data.TEXT].tolist(), source=train_url, **cached)
-        validation_x = features.cached_encode(
-            model, tokenizer, validation_df[data.TEXT].tolist(), source=validation_url, **cached
-        )
-        del model, encoder
-        runs[keyword], probs[keyword] = [], np.zeros((len(validation_y), len(classes)))
+    for keyword, ref, where in zip(cfg.encoders, refs, wheres, strict=True):
+        train_x, validation_x = _features(spec, accelerator, ref, where, len(classes), train, validation)
+        runs[keyword], probs[keyword] = [], np.zeros((len(validation[2]), len(classes)))
         for seed in seeds:
-            runtime.seed_everything(seed)
-            head = fit(
-                accelerator,
-                Head(train_x.shape[1], len(classes), head_cfg.dropout),
-                TensorDataset(train_x, torch.tensor(train_y)),
-                epochs=head_cfg.epochs,
-                batch_size=head_cfg.batch_size,
-                lr=head_cfg.lr,
-                seed=seed,
-            )
-            with torch.no_grad():
-                p = torch.softmax(head.eval()(validation_x.to(accelerator.device)).float().cpu(), -1).numpy()
+            p = _train_head(spec, accelerator, seed, len(classes), train_x, train[2], validation_x)
             predicted = p.argmax(1)
-            runs[keyword].append(
-                {"seed": seed, "predicted": predicted, **evaluate.metrics(classes, validation_y, predicted, label_sets)}
-            )
+            scores = report.metrics(classes, validation[2], predicted, label_sets)
+            runs[keyword].append({"seed": seed, "predicted": predicted, **scores})
             probs[keyword] += p / len(seeds)
             log.info("%s seed %d: f1_weighted %.4f", keyword, seed, runs[keyword][-1]["f1_weighted"])
 
-    # -- statistics: candidate minus baseline, on the same validation rows
+    summary = statistics(spec, dict(zip(cfg.encoders, refs, strict=True)), seeds, runs, probs, validation)
+    if accelerator.is_main_process:
+        storage.write_json(paths.comparison_json, summary)
+        storage.write_text(paths.comparison_md, comparison_markdown(summary))
+        log.info("wrote %s: %s", paths.comparison_md, summary["verdict"])
+    accelerator.wait_for_everyone()
+
+
+def _features(spec: RunSpec, accelerator, ref: str, where: str, num_classes: int, train, validation):
+    """The encoder's (cached) features of the train and validation splits."""
+    head_cfg = spec.head
+    encoder, tokenizer, where = load_encoder(ref, where)
+    model = Classifier(encoder, Head(encoder.config.hidden_size, num_classes), head_cfg.pooling, frozen=True)
+    splits = [train[:2], validation[:2]]
+    return features.cached_splits(model, tokenizer, splits, head_cfg, spec.out, accelerator, fingerprint(where))
+
+
+def _train_head(spec: RunSpec, accelerator, seed: int, num_classes: int, train_x, train_y, validation_x) -> np.ndarray:
+    """One head (head.* settings) trained with `seed`; its validation probabilities."""
+    head_cfg = spec.head
+    runtime.seed_everything(seed)
+    head = fit(
+        accelerator,
+        Head(train_x.shape[1], num_classes, head_cfg.dropout),
+        TensorDataset(train_x, torch.tensor(train_y)),
+        epochs=head_cfg.epochs,
+        batch_size=head_cfg.batch_size,
+        lr=head_cfg.lr,
+        seed=seed,
+    )
+    return probabilities(head, validation_x, accelerator)
+
+
+def statistics(spec: RunSpec, encoders: dict, seeds: list[int], runs: dict, probs: dict, validation) -> dict:
+    """Candidate minus baseline, on the same validation rows: mean ± sd of every metric, the paired
+    bootstrap interval of the weighted-F1 difference, McNemar's tests, and the verdict."""
+    cfg, head_cfg = spec.compare, spec.head
+    validation_url, _, validation_y = validation
     base, cand = cfg.encoders
+    num_classes = probs[base].shape[1]
     low, high, observed = paired_bootstrap_f1(
         validation_y,
         [r["predicted"] for r in runs[base]],
         [r["predicted"] for r in runs[cand]],
-        len(classes),
+        num_classes,
         cfg.bootstrap,
         spec.seed,
     )
@@ -99,7 +109,7 @@ def run(spec: RunSpec) -> None:
         for a, b in zip(runs[base], runs[cand], strict=True)
     ]
     summary = {
-        "encoders": dict(zip(cfg.encoders, refs, strict=True)),
+        "encoders": encoders,
         "seeds": seeds,
         "settings": {
             "max_length": head_cfg.max_length,
@@ -110,18 +120,13 @@ def run(spec: RunSpec) -> None:
             "validation": validation_url,
             "validation_rows": len(validation_y),
         },
-        "metrics": {k: {m: summarize([r[m] for r in runs[k]]) for m in evaluate.HEADLINE} for k in cfg.encoders},
+        "metrics": {k: {m: summarize([r[m] for r in runs[k]]) for m in report.HEADLINE} for k in cfg.encoders},
         "f1_weighted_difference": {"observed": observed, "ci95": [low, high], "resamples": cfg.bootstrap},
         "mcnemar_seed_averaged": test,
         "mcnemar_per_seed_p_exact": per_seed,
     }
     summary["verdict"] = verdict(base, cand, summary)
-
-    if accelerator.is_main_process:
-        storage.write_json(out_json, summary)
-        storage.write_text(out_md, comparison_markdown(summary))
-        log.info("wrote %s: %s", out_md, summary["verdict"])
-    accelerator.wait_for_everyone()
+    return summary
 
 
 def summarize(values: list[float]) -> dict:
@@ -237,7 +242,7 @@ def comparison_markdown(summary: dict) -> str:
         "| metric | " + " | ".join(names) + " |",
         "|---" * (len(names) + 1) + "|",
     ]
-    for m in evaluate.HEADLINE:
+    for m in report.HEADLINE:
         cells = [f"{summary['metrics'][k][m]['mean']:.4f} ± {summary['metrics'][k][m]['sd']:.4f}" for k in names]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     diff, test = summary["f1_weighted_difference"], summary["mcnemar_seed_averaged"]

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from medclf import storage
+from medclf import layout, storage
 from medclf.errors import MedclfError
 
 TEXT = "transcription"
@@ -91,11 +91,10 @@ def read_splits(out: str, train: Optional[str] = None, validation: Optional[str]
 
     `train`/`validation` default to the prepare job's files under `<out>/prepare/`.
     """
-    prepared = storage.join(out, "prepare")
-    classes = read_labels(storage.join(prepared, "labels.json"))
+    paths = layout.Run(out)
+    classes = read_labels(paths.labels)
     splits = []
-    for given, name in ((train, "train.csv"), (validation, "validation.csv")):
-        url = given or storage.join(prepared, name)
+    for url in (train or paths.prepared_train, validation or paths.prepared_validation):
         splits.append((url, *read_labeled(url, classes)))
     return classes, splits[0], splits[1]
 

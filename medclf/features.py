@@ -25,8 +25,9 @@ from accelerate import Accelerator
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from medclf import storage
+from medclf import data, layout, storage
 from medclf.classifier import Classifier
+from medclf.config import HeadSpec
 from medclf.errors import MedclfError
 
 log = logging.getLogger(__name__)
@@ -167,3 +168,29 @@ def cached_encode(
         log.info("features of %s cached at %s", source, url)
     accelerator.wait_for_everyone()
     return vectors
+
+
+def cached_splits(
+    model: Classifier,
+    tokenizer,
+    splits: Sequence[tuple[str, pd.DataFrame]],
+    settings: HeadSpec,
+    out: str,
+    accelerator: Accelerator,
+    encoder_fingerprint: str,
+) -> list[torch.Tensor]:
+    """`cached_encode` of each (url, frame)'s texts with a head's settings, cached in the run `out`."""
+    return [
+        cached_encode(
+            model,
+            tokenizer,
+            df[data.TEXT].tolist(),
+            max_length=settings.max_length,
+            batch_size=settings.encode_batch_size,
+            accelerator=accelerator,
+            cache_dir=layout.Run(out).features,
+            encoder_fingerprint=encoder_fingerprint,
+            source=url,
+        )
+        for url, df in splits
+    ]

@@ -44,6 +44,10 @@ class Run:
         return self._at("prepare", "labels.json")
 
     @property
+    def prepared_stats(self) -> str:
+        return self._at("prepare", "stats.json")
+
+    @property
     def cache(self) -> str:
         return self._at("cache")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import logging
 
-from medclf import data, storage
+from medclf import data, layout, storage
 from medclf.config import RunSpec
 from medclf.errors import MedclfError
 
@@ -18,8 +18,8 @@ COLUMNS = ["text_id", "source_row", data.SPECIALTY, "original_specialty", data.T
 
 
 def run(spec: RunSpec) -> None:
-    cfg = spec.prepare
-    out = storage.join(spec.out, "prepare")
+    cfg, paths = spec.prepare, layout.Run(spec.out)
+    out = paths.prepare
     storage.check_output(out, spec.overwrite)
 
     # -- read and check: nothing is written until every check has passed
@@ -69,12 +69,12 @@ def run(spec: RunSpec) -> None:
     # -- write: stats.json last, so its presence means the folder is complete
     if spec.overwrite:
         storage.remove(out)
-    for name, part in (("train.csv", train), ("validation.csv", validation)):
+    for url, part in ((paths.prepared_train, train), (paths.prepared_validation, validation)):
         buffer = io.BytesIO()
         part[COLUMNS].to_csv(buffer, index=False, encoding="utf-8")
-        storage.write_bytes(storage.join(out, name), buffer.getvalue())
-    storage.write_json(storage.join(out, "labels.json"), {"classes": classes, "mapping": mapping})
-    storage.write_json(storage.join(out, "stats.json"), stats)
+        storage.write_bytes(url, buffer.getvalue())
+    storage.write_json(paths.labels, {"classes": classes, "mapping": mapping})
+    storage.write_json(paths.prepared_stats, stats)
     log.info(
         "wrote %s: %d train / %d validation rows, %d classes, %d texts on both sides",
         out,

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medclf import config, evaluate, head
+from medclf import config, evaluate, head, report
 from medclf.errors import MedclfError
 from tests.small_run import head_spec, make_small_run
 
@@ -20,7 +20,7 @@ Y_PRED = np.array([0, 0, 1, 1, 2, 2])
 def test_metrics_match_hand_computed_values():
     # a: tp 2 fp 0 fn 1 -> p 1, r 2/3, f1 0.8;  b: tp 1 fp 1 fn 1 -> 0.5 each;  c: tp 1 fp 1 fn 0 -> p 0.5, r 1, f1 2/3
     labels = [{"a"}, {"a"}, {"a", "b"}, {"b"}, {"b"}, {"c"}]  # row 3 (true a, predicted b) is also a "b" note
-    m = evaluate.metrics(CLASSES, Y_TRUE, Y_PRED, labels)
+    m = report.metrics(CLASSES, Y_TRUE, Y_PRED, labels)
     assert m["accuracy"] == pytest.approx(4 / 6)
     assert m["precision_weighted"] == pytest.approx((3 * 1 + 2 * 0.5 + 1 * 0.5) / 6)
     assert m["recall_weighted"] == pytest.approx(4 / 6)
@@ -39,15 +39,15 @@ def test_any_label_sets_collect_every_copy_of_a_note_across_both_splits(tmp_path
     rows([("n1", "b"), ("n2", "c")]).to_csv(tmp_path / "prepare" / "train.csv", index=False)
     validation = rows([("n1", "a"), ("n3", "a"), ("n3", "c")])
     validation.to_csv(tmp_path / "prepare" / "validation.csv", index=False)
-    assert evaluate.note_labels(str(tmp_path), validation) == [{"a", "b"}, {"a", "c"}, {"a", "c"}]
+    assert report.note_labels(str(tmp_path), validation) == [{"a", "b"}, {"a", "c"}, {"a", "c"}]
 
 
 def test_report_files(tmp_path):
-    evaluate.write_report(str(tmp_path), "toy", CLASSES, Y_TRUE, Y_PRED, None, about={"model": "m"})
+    report.write_report(str(tmp_path), "toy", CLASSES, Y_TRUE, Y_PRED, None, about={"model": "m"})
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["model"] == "m" and metrics["any_label_accuracy"] is None
-    report = (tmp_path / "report.md").read_text()
-    assert "| f1_weighted | 0.6778 |" in report and "| c | 0.5000 | 1.0000 | 0.6667 | 1 |" in report
+    text = (tmp_path / "report.md").read_text()
+    assert "| f1_weighted | 0.6778 |" in text and "| c | 0.5000 | 1.0000 | 0.6667 | 1 |" in text
     assert (tmp_path / "confusion.png").read_bytes().startswith(b"\x89PNG")
 
 
@@ -64,7 +64,7 @@ def test_evaluate_job_reuses_the_cached_features_and_agrees_with_the_head_report
     ours = json.loads((trained / "evaluate" / "pretrained" / "metrics.json").read_text())
     heads = json.loads((trained / "head-pretrained" / "metrics.json").read_text())
     assert ours["confusion_matrix"] == heads["confusion_matrix"]
-    for key in evaluate.HEADLINE:
+    for key in report.HEADLINE:
         assert ours[key] == pytest.approx(heads[key])
     assert len(list((trained / "features").iterdir())) == 2  # nothing new was encoded
     with pytest.raises(MedclfError, match="output exists"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from medclf import classifier, features, head, runtime
+from medclf import classifier, features, head, runtime, training
 from medclf.classifier import Classifier, Head
 from medclf.errors import MedclfError
 from tests.small_run import head_spec, make_small_run
@@ -89,12 +89,12 @@ def test_training_on_cached_features_equals_training_through_the_frozen_encoder(
     through = Classifier(encoder, Head(32, 6), "cls", frozen=True)
     start = {k: v.clone() for k, v in through.head.state_dict().items()}
     batch = tokenizer(texts, truncation=True, max_length=64, padding="max_length", return_tensors="pt")
-    head.fit(accelerator, through, TensorDataset(batch["input_ids"], batch["attention_mask"], y), **settings)
+    training.fit(accelerator, through, TensorDataset(batch["input_ids"], batch["attention_mask"], y), **settings)
 
     runtime.seed_everything(1)
     cached = Classifier(encoder, Head(32, 6), "cls", frozen=True)
     vectors = features.encode(cached, tokenizer, texts, 64, 7, accelerator)
-    head.fit(accelerator, cached.head, TensorDataset(vectors, y), **settings)
+    training.fit(accelerator, cached.head, TensorDataset(vectors, y), **settings)
 
     with torch.no_grad():
         logits_through, logits_cached = through.head.eval()(vectors), cached.head.eval()(vectors)

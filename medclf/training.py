@@ -1,0 +1,104 @@
+"""The supervised loop the head and compare jobs share: cross-entropy on (inputs..., label) batches.
+
+A head on cached features and a fine-tuned classifier (encoder and head) train with the same
+`fit`; `probabilities` scores a trained head on feature vectors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from medclf import features, runtime
+from medclf.classifier import Head
+from medclf.errors import MedclfError
+
+
+def fit(
+    accelerator: Accelerator,
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    validation: tuple[torch.Tensor, np.ndarray] | None = None,
+) -> nn.Module:
+    """Cross-entropy training of `model` on (inputs..., label) batches; returns the unwrapped model.
+
+    The head on cached features and the fine-tuned classifier share this loop. `batch_size` is
+    the global batch: each of N processes takes batch_size / N examples per step.
+    """
+    world = accelerator.num_processes
+    if batch_size % world:
+        raise MedclfError(f"head.batch_size={batch_size} is not a multiple of the {world} processes")
+    runtime.seed_everything(seed)
+    order = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size // world,
+        shuffle=True,
+        generator=order,
+        collate_fn=getattr(dataset, "collate", None),
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    loss_fn = nn.CrossEntropyLoss()
+    progress = runtime.Progress(accelerator, total=epochs * len(loader), desc="head", unit="notes")
+    # A head on cached features multiplies tiny matrices: on CPU, handing them to several threads
+    # costs more than the arithmetic (25-60x slower on a busy 2-core machine), so it uses one.
+    threads = torch.get_num_threads()
+    if accelerator.device.type == "cpu" and isinstance(accelerator.unwrap_model(model), Head):
+        torch.set_num_threads(1)
+
+    for epoch in range(1, epochs + 1):
+        model.train()
+        total, count = torch.zeros((), device=accelerator.device), 0
+        for *inputs, labels in loader:
+            # -- forward, backward, step
+            loss = loss_fn(model(*inputs).float(), labels)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            total += loss.detach() * len(labels)
+            count += len(labels)
+            progress.update(len(labels) * world, loss=loss.item())
+
+        # -- log: mean training loss over all ranks, and validation accuracy when features are at hand
+        scalars = {"epoch": epoch, "loss": float(accelerator.reduce(total, "sum")) / max(count * world, 1)}
+        if validation is not None:
+            model.eval()
+            with torch.no_grad():
+                predicted = model(validation[0].to(accelerator.device)).argmax(-1).cpu().numpy()
+            scalars["val_acc"] = float((predicted == validation[1]).mean())
+        progress.log(**scalars)
+    progress.close()
+    torch.set_num_threads(threads)
+    return accelerator.unwrap_model(model)
+
+
+class Notes(Dataset):
+    """Tokenized notes and labels for fine-tuning; batches padded to their longest note."""
+
+    def __init__(self, ids: list[list[int]], labels: np.ndarray, pad_id: int):
+        self.ids, self.labels, self.pad_id = ids, labels, pad_id
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[list[int], int]:
+        return self.ids[i], int(self.labels[i])
+
+    def collate(self, batch: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        input_ids, mask = features.pad([ids for ids, _ in batch], self.pad_id)
+        return input_ids, mask, torch.tensor([label for _, label in batch])
+
+
+def probabilities(head: nn.Module, vectors: torch.Tensor, accelerator: Accelerator) -> np.ndarray:
+    """Class probabilities [rows, classes] of a trained head on feature vectors (eval mode, CPU)."""
+    with torch.no_grad():
+        return torch.softmax(head.eval()(vectors.to(accelerator.device)).float().cpu(), -1).numpy()
