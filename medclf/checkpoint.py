@@ -11,7 +11,7 @@
 Nothing is pickled: tensors go to safetensors, everything else to JSON. The manifest (built,
 written and verified by medclf/manifest.py) makes a folder complete: a folder without one is an
 interrupted save and is never loaded; a file whose size or hash differs is refused by name.
-`find_latest` walks back from the newest complete checkpoint to the first one that verifies.
+`find_latest` starts from the checkpoint `latest` names and walks back to the first one that verifies.
 """
 
 from __future__ import annotations
@@ -187,8 +187,13 @@ def list_steps(root: str) -> list[int]:
 
 
 def find_latest(root: str) -> Optional[str]:
-    """The newest complete checkpoint that verifies, warning about each newer one passed over."""
-    for step in reversed(list_steps(root)):
+    """The checkpoint `latest` names, once it verifies; else the newest older one that verifies,
+    warning about each one passed over. Without a readable `latest`, the newest one that verifies."""
+    steps = list_steps(root)
+    named = read_latest(root)
+    if named is not None:
+        steps = [s for s in steps if s < named] + [named]  # never a newer folder `latest` does not vouch for
+    for step in reversed(steps):
         url = step_url(root, step)
         try:
             manifest.verify(url)
@@ -196,6 +201,19 @@ def find_latest(root: str) -> Optional[str]:
         except MedclfError as e:
             log.warning("skipping checkpoint: %s", e)
     return None
+
+
+def read_latest(root: str) -> Optional[int]:
+    """The step `<root>/latest` names; None when there is no such file or it names no checkpoint."""
+    url = storage.join(root, LATEST)
+    if not storage.exists(url):
+        return None
+    text = storage.read_text(url).strip()
+    match = STEP_FOLDER.match(text)
+    if match is None:
+        log.warning("%s: %r names no checkpoint; looking at every checkpoint", url, text[:40])
+        return None
+    return int(match.group(1))
 
 
 # ---------------------------------------------------------------- loading

@@ -20,14 +20,12 @@ from transformers.utils import logging as hf_logging
 log = logging.getLogger(__name__)
 
 
-def make_accelerator(
-    gradient_accumulation_steps: int = 1,
-    report_to: str = "none",
-    project_dir: Optional[str] = None,
-) -> Accelerator:
+def make_accelerator(report_to: str = "none", project_dir: Optional[str] = None) -> Accelerator:
     """One Accelerator per job. Without CUDA it runs on CPU (gloo when several ranks were launched).
 
-    Mixed precision comes from `accelerate launch`/accelerate_config.yaml (bf16 on GPUs).
+    A job that accumulates gradients sets `accelerator.gradient_accumulation_steps` itself, once it
+    knows the process count (see mlm.start_accelerator). Mixed precision comes from
+    `accelerate launch`/accelerate_config.yaml (bf16 on GPUs).
     """
     # One progress bar per job: transformers' own loading bars and load reports stay quiet (the
     # jobs log what matters, e.g. a masked-LM head that had to be initialised).
@@ -36,7 +34,6 @@ def make_accelerator(
     trackers = [t.strip() for t in report_to.split(",") if t.strip() and t.strip() != "none"]
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
-        gradient_accumulation_steps=gradient_accumulation_steps,
         log_with=trackers or None,
         project_dir=project_dir if trackers else None,
     )
@@ -50,7 +47,10 @@ def make_accelerator(
 
 
 def seed_everything(seed: int) -> None:
-    """The same seed on every rank: identical initialisation; data order is sharded by the sampler."""
+    """The same seed on every rank: identical initialisation on all of them.
+
+    Each rank's share of the data does not come from this seed: mlm splits each global batch by
+    rank index, and the head's DataLoader is split across processes by Accelerate's prepare()."""
     set_seed(seed, deterministic=False)
 
 

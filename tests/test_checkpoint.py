@@ -163,3 +163,20 @@ def test_publish_dir_writes_the_manifest_after_the_files(tmp_path):
     listing = json.loads((tmp_path / "model" / "manifest.json").read_text())
     assert set(listing["files"]) == {"config.json", "sub/weights.bin"}
     assert listing["files"]["sub/weights.bin"]["size"] == 5
+
+
+def test_resume_starts_from_the_checkpoint_latest_names(accelerator, tmp_path, caplog):
+    for step in (1, 2, 3):
+        save(accelerator, tmp_path, step)
+    assert (tmp_path / checkpoint.LATEST).read_text() == "step-0000003\n"
+    (tmp_path / checkpoint.LATEST).write_text("step-0000002\n")  # e.g. killed between step 3's manifest and pointer
+    assert checkpoint.find_latest(str(tmp_path)) == str(tmp_path / "step-0000002")
+    # the one it names fails verification: older verified ones, never the newer one it does not vouch for
+    (tmp_path / "step-0000002" / "state.json").write_text("{}")
+    assert checkpoint.find_latest(str(tmp_path)) == str(tmp_path / "step-0000001")
+    assert "step-0000002/state.json" in caplog.text
+    # no readable pointer: the newest checkpoint that verifies
+    (tmp_path / checkpoint.LATEST).write_text("garbage\n")
+    assert checkpoint.find_latest(str(tmp_path)) == str(tmp_path / "step-0000003")
+    (tmp_path / checkpoint.LATEST).unlink()
+    assert checkpoint.find_latest(str(tmp_path)) == str(tmp_path / "step-0000003")
