@@ -48,7 +48,7 @@ def write_notes(path: pathlib.Path, texts: list[str], n: int) -> int:
 
 def make_classifier(folder: pathlib.Path, data: pathlib.Path, max_length: int) -> pathlib.Path:
     from medclf import classifier, runtime
-    from tests.tiny import make_tiny_bert
+    from tests.helpers import make_tiny_bert
 
     (folder / "tiny-bert").mkdir()
     encoder_dir = make_tiny_bert(folder / "tiny-bert", data)

@@ -7,9 +7,8 @@ import pathlib
 
 import pytest
 
+from tests.helpers import REPO, make_tiny_bert
 from tests.s3server import s3, s3_server  # noqa: F401 - moto S3 server fixtures for any test
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def shared_dir() -> pathlib.Path:
@@ -38,8 +37,6 @@ def minilm() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory, mtsamples) -> pathlib.Path:
     """A tiny BertForMaskedLM with a WordPiece vocabulary trained on the real notes, saved as a folder."""
-    from tests.tiny import make_tiny_bert
-
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), mtsamples)
 
 

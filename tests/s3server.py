@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -25,6 +24,8 @@ import uuid
 from typing import Iterator
 
 import pytest
+
+from tests.helpers import free_port
 
 REGION = "us-east-1"
 ALLOW_ALL = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
@@ -95,12 +96,6 @@ class S3Bucket:
     def multipart_uploads(self) -> list[str]:
         """Keys of multipart uploads begun and neither completed nor aborted."""
         return [u["Key"] for u in self.server.client().list_multipart_uploads(Bucket=self.bucket).get("Uploads", [])]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server() -> S3Server:

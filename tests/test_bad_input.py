@@ -7,7 +7,6 @@ compares the folder's files (names and contents) before and after.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -17,55 +16,12 @@ from typing import Callable, Optional
 import pandas as pd
 import pytest
 
-from medclf import classifier, cli, manifest, runtime
+from medclf import manifest
 from medclf.errors import EXIT_BAD_INPUT
-from tests.small_run import make_small_run
+from tests.helpers import make_classifier, make_small_run, run_cli, tree
 
 TINY_MLM = ["mlm.max_length=32", "mlm.batch_size=4", "mlm.micro_batch_size=2", "mlm.max_steps=1", "mlm.eval_blocks=2"]
 TINY_HEAD = ["head.max_length=32", "head.epochs=1", "head.batch_size=8"]
-
-
-# ---------------------------------------------------------------- helpers (the integrity tests use them too)
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    """(exit status, the error line) of `medclf ARGV` run in this process."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as ended:
-        cli.main(argv)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err[-2000:]
-    errors = [line for line in err.splitlines() if ": error: " in line]
-    assert len(errors) == 1, f"expected one error line, got: {err[-2000:]!r}"
-    return ended.value.code, errors[0]
-
-
-def tree(folder: Path) -> dict[str, str]:
-    """Every file under `folder` (hidden temporaries included) with the SHA-256 of its content."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-def make_classifier(folder: Path, encoder: Path, classes: list[str], max_length: int = 32) -> Path:
-    """A frozen tiny classifier (untrained head) saved as the head job saves one."""
-    _, _, where = classifier.load_encoder(str(encoder))
-    runtime.seed_everything(0)
-    head = classifier.Head(32, len(classes))
-    info = classifier.ClassifierInfo(
-        classes=classes,
-        encoder=str(encoder),
-        pooling="cls",
-        max_length=max_length,
-        encoder_fingerprint=classifier.fingerprint(where),
-        hidden_size=32,
-        dropout=0.2,
-        frozen=True,
-    )
-    classifier.save(str(folder), head, info)
-    return folder
 
 
 # ---------------------------------------------------------------- the run folder every case starts from

@@ -10,7 +10,7 @@ import pytest
 
 from medclf import config, evaluate, head, report
 from medclf.errors import MedclfError
-from tests.small_run import head_spec, make_small_run
+from tests.helpers import head_spec, make_small_run
 
 CLASSES = ["a", "b", "c"]
 Y_TRUE = np.array([0, 0, 0, 1, 1, 2])
@@ -58,6 +58,7 @@ def trained(tmp_path_factory, prepared, tiny_bert):
     return out
 
 
+@pytest.mark.slow
 def test_evaluate_job_reuses_the_cached_features_and_agrees_with_the_head_report(trained):
     spec = config.load("evaluate", None, [f"out={trained}", "model=pretrained"])
     evaluate.run(spec)
@@ -71,6 +72,7 @@ def test_evaluate_job_reuses_the_cached_features_and_agrees_with_the_head_report
         evaluate.run(spec)
 
 
+@pytest.mark.slow
 def test_evaluate_rejects_data_the_classifier_does_not_know(trained, tmp_path):
     model = trained / "head-pretrained" / "model"
     bad = tmp_path / "bad.csv"

@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 from medclf import classifier, features, head, runtime, training
 from medclf.classifier import Classifier, Head
 from medclf.errors import MedclfError
-from tests.small_run import head_spec, make_small_run
+from tests.helpers import head_spec, make_small_run
 
 
 def test_head_has_the_original_shape_and_parameter_count():
@@ -55,6 +55,7 @@ def _count_encoded_rows(monkeypatch) -> list[int]:
     return seen
 
 
+@pytest.mark.slow
 def test_features_are_computed_once_per_text_however_many_epochs(small, tiny_bert, tmp_path, monkeypatch):
     seen = _count_encoded_rows(monkeypatch)
     splits = [pd.read_csv(small / "prepare" / f) for f in ("train.csv", "validation.csv")]
@@ -78,6 +79,7 @@ def test_features_are_computed_once_per_text_however_many_epochs(small, tiny_ber
     assert metrics["seed"] == 7 and 0 <= metrics["accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_training_on_cached_features_equals_training_through_the_frozen_encoder(tiny_bert, prepared):
     df = pd.read_csv(prepared / "prepare" / "train.csv").iloc[:30]
     texts, y = df["transcription"].tolist(), torch.tensor(pd.factorize(df["medical_specialty"])[0])
@@ -134,6 +136,7 @@ def test_classifier_round_trip_through_fsspec(tiny_bert):
         classifier.load(url)
 
 
+@pytest.mark.slow
 def test_fine_tuning_copies_the_trained_encoder_into_the_classifier(small, tiny_bert):
     head.run(head_spec(small, tiny_bert, "epochs=1", "freeze=false", "name=tuned", "lr=1e-3"))
     model_dir = small / "head-tuned" / "model"

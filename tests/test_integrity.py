@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 
 from medclf import config, mlm
 from medclf.errors import EXIT_BAD_INPUT
-from tests.small_run import make_small_run
-from tests.test_bad_input import make_classifier, run_cli, tree
+from tests.helpers import make_classifier, make_small_run, run_cli, tree
+
+pytestmark = pytest.mark.slow
 
 ARGS = [
     "max_length=32",

@@ -25,14 +25,16 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from medclf import checkpoint, cli, config, manifest, mlm
 from medclf.manifest import PAUSE_ENV
 from medclf.mlm import STEP_SLEEP_ENV
-from tests.conftest import REPO
-from tests.test_bad_input import make_classifier
+from tests.helpers import REPO, make_classifier, make_mlm_run
+
+pytestmark = pytest.mark.slow
 
 ARGS = [
     "max_length=32",
@@ -45,14 +47,6 @@ ARGS = [
     "max_steps=8",
     "checkpoint_every=2",
 ]
-
-
-def small_run(folder: Path, mtsamples: Path) -> Path:
-    notes = pd.read_csv(mtsamples).dropna(subset=["transcription"])
-    (folder / "prepare").mkdir(parents=True)
-    notes.iloc[:3][["transcription"]].to_csv(folder / "prepare" / "train.csv", index=False)
-    notes.iloc[100:102][["transcription"]].to_csv(folder / "prepare" / "validation.csv", index=False)
-    return folder
 
 
 def spec(out: Path, model: Path):
@@ -103,7 +97,10 @@ def complete_checkpoints(out: Path) -> list[int]:
 
 
 def test_killed_anywhere_the_resumed_run_ends_with_the_uninterrupted_weights(tiny_bert, mtsamples, tmp_path):
-    whole, killed = small_run(tmp_path / "whole", mtsamples), small_run(tmp_path / "killed", mtsamples)
+    whole, killed = (
+        make_mlm_run(tmp_path / "whole", mtsamples, train_rows=3),
+        make_mlm_run(tmp_path / "killed", mtsamples, train_rows=3),
+    )
     mlm.run(spec(whole, tiny_bert))
     partial_model = killed / "mlm" / "model"
 

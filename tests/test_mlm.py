@@ -11,51 +11,13 @@ import subprocess
 import sys
 import time
 
-import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from medclf import checkpoint, config, mlm
 from medclf.errors import EXIT_PREEMPTED, MedclfError
 from medclf.masking import IGNORE, Masker, epoch_order, pack, token_stream
-from tests.conftest import REPO
-
-TINY_ARGS = [
-    "max_length=64",
-    "batch_size=8",
-    "micro_batch_size=4",
-    "log_every=1",
-    "lr=1e-3",
-    "eval_blocks=8",
-    "keep_last=10",
-]
-
-
-def small_run(folder, mtsamples, train_rows=4, validation_rows=2):
-    """A run folder whose prepare/ holds a few real notes: an epoch is a handful of steps."""
-    notes = pd.read_csv(mtsamples).dropna(subset=["transcription"])
-    (folder / "prepare").mkdir(parents=True)
-    notes.iloc[:train_rows][["transcription"]].to_csv(folder / "prepare" / "train.csv", index=False)
-    notes.iloc[100 : 100 + validation_rows][["transcription"]].to_csv(
-        folder / "prepare" / "validation.csv", index=False
-    )
-    return folder
-
-
-def spec(out, model, *extra):
-    return config.load("mlm", None, [f"out={out}", f"model={model}", *TINY_ARGS, *extra])
-
-
-def weights(out):
-    return load_file(str(out / "mlm" / "model" / "model.safetensors"))
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"weights differ: {different[:5]}"
-
+from tests.helpers import REPO, TINY_MLM_ARGS, assert_same_weights, make_mlm_run, mlm_spec, weights
 
 # ---------------------------------------------------------------- the loss
 
@@ -128,9 +90,10 @@ def test_tokens_are_cached_and_packed_without_padding(tiny_bert, tmp_path):
 # ---------------------------------------------------------------- the job
 
 
+@pytest.mark.slow
 def test_loss_goes_down(tiny_bert, mtsamples, tmp_path):
-    out = small_run(tmp_path / "run", mtsamples, train_rows=3)
-    mlm.run(spec(out, tiny_bert, "max_steps=16", "lr=5e-3", "checkpoint_every=100"))
+    out = make_mlm_run(tmp_path / "run", mtsamples, train_rows=3)
+    mlm.run(mlm_spec(out, tiny_bert, "max_steps=16", "lr=5e-3", "checkpoint_every=100"))
     metrics = json.loads((out / "mlm" / "metrics.json").read_text())
     losses = [h[1] for h in metrics["history"]]
     assert len(losses) == 16 and metrics["world_size"] == 1
@@ -139,26 +102,28 @@ def test_loss_goes_down(tiny_bert, mtsamples, tmp_path):
     assert metrics["val_after"]["masked_tokens"] == metrics["val_before"]["masked_tokens"] > 0
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_same_weights(tiny_bert, mtsamples, tmp_path):
     # 4 notes: about 6 steps per epoch, so resuming from step 3 continues mid-epoch and crosses into epoch 2.
-    whole, resumed = small_run(tmp_path / "whole", mtsamples), small_run(tmp_path / "resumed", mtsamples)
-    mlm.run(spec(whole, tiny_bert, "epochs=2", "checkpoint_every=3"))
+    whole, resumed = make_mlm_run(tmp_path / "whole", mtsamples), make_mlm_run(tmp_path / "resumed", mtsamples)
+    mlm.run(mlm_spec(whole, tiny_bert, "epochs=2", "checkpoint_every=3"))
     metrics = json.loads((whole / "mlm" / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and metrics["steps"] > 6
     # An interrupted run leaves exactly this behind: the step-3 checkpoint (and a later, unfinished save).
     shutil.copytree(whole / "mlm/checkpoints/step-0000003", resumed / "mlm/checkpoints/step-0000003")
     shutil.copytree(whole / "mlm/checkpoints/step-0000006", resumed / "mlm/checkpoints/step-0000006")
     (resumed / "mlm/checkpoints/step-0000006/manifest.json").unlink()
-    mlm.run(spec(resumed, tiny_bert, "epochs=2", "checkpoint_every=3"))
+    mlm.run(mlm_spec(resumed, tiny_bert, "epochs=2", "checkpoint_every=3"))
     assert_same_weights(weights(whole), weights(resumed))
     assert json.loads((resumed / "mlm" / "metrics.json").read_text())["history"] == metrics["history"]
 
 
+@pytest.mark.slow
 def test_the_adapted_model_loads_and_the_output_is_not_replaced(tiny_bert, mtsamples, tmp_path):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    out = small_run(tmp_path / "run", mtsamples)
-    mlm.run(spec(out, tiny_bert, "max_steps=2", "checkpoint_every=1", "keep_last=1"))
+    out = make_mlm_run(tmp_path / "run", mtsamples)
+    mlm.run(mlm_spec(out, tiny_bert, "max_steps=2", "checkpoint_every=1", "keep_last=1"))
     assert checkpoint.list_steps(str(out / "mlm" / "checkpoints")) == [2]
     assert (out / "mlm/checkpoints/latest").read_text().strip() == "step-0000002"
     folder = out / "mlm" / "model"
@@ -166,31 +131,33 @@ def test_the_adapted_model_loads_and_the_output_is_not_replaced(tiny_bert, mtsam
     AutoModelForMaskedLM.from_pretrained(folder)
     AutoTokenizer.from_pretrained(folder)
     with pytest.raises(MedclfError, match="output exists"):
-        mlm.run(spec(out, tiny_bert, "max_steps=2"))
+        mlm.run(mlm_spec(out, tiny_bert, "max_steps=2"))
     shutil.rmtree(folder)
     with pytest.raises(MedclfError, match="checkpoints exist"):
-        mlm.run(spec(out, tiny_bert, "max_steps=2", "resume=never"))
-    mlm.run(spec(out, tiny_bert, "max_steps=1", "resume=never", "overwrite=true"))
+        mlm.run(mlm_spec(out, tiny_bert, "max_steps=2", "resume=never"))
+    mlm.run(mlm_spec(out, tiny_bert, "max_steps=1", "resume=never", "overwrite=true"))
     assert checkpoint.list_steps(str(out / "mlm" / "checkpoints")) == [1]
 
 
 def test_inputs_are_checked_before_training(tiny_bert, mtsamples, tmp_path):
-    out = small_run(tmp_path / "run", mtsamples)
+    out = make_mlm_run(tmp_path / "run", mtsamples)
     with pytest.raises(MedclfError, match=r"mlm\.max_length: 256 is above"):
-        mlm.run(spec(out, tiny_bert, "max_length=256"))
+        mlm.run(mlm_spec(out, tiny_bert, "max_length=256"))
     with pytest.raises(MedclfError, match=r"mlm\.batch_size: 800 blocks per step"):
-        mlm.run(spec(out, tiny_bert, "batch_size=800", "micro_batch_size=8"))
+        mlm.run(mlm_spec(out, tiny_bert, "batch_size=800", "micro_batch_size=8"))
     assert not (out / "mlm" / "model").exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_other_settings_is_not_continued(tiny_bert, mtsamples, tmp_path):
-    out = small_run(tmp_path / "run", mtsamples)
-    mlm.run(spec(out, tiny_bert, "max_steps=2", "checkpoint_every=1"))
+    out = make_mlm_run(tmp_path / "run", mtsamples)
+    mlm.run(mlm_spec(out, tiny_bert, "max_steps=2", "checkpoint_every=1"))
     shutil.rmtree(out / "mlm" / "model")
     with pytest.raises(MedclfError, match="max_length=64 there, 32 now"):
-        mlm.run(spec(out, tiny_bert, "max_steps=2", "max_length=32"))
+        mlm.run(mlm_spec(out, tiny_bert, "max_steps=2", "max_length=32"))
 
 
+@pytest.mark.slow
 def test_minilm_on_the_real_data(minilm, prepared, tmp_path, caplog):
     from transformers import AutoModelForMaskedLM
 
@@ -224,11 +191,12 @@ def test_minilm_on_the_real_data(minilm, prepared, tmp_path, caplog):
 # ---------------------------------------------------------------- stop signals
 
 
+@pytest.mark.slow
 def test_sigusr1_saves_a_checkpoint_exits_75_and_resumes_exactly(tiny_bert, mtsamples, tmp_path):
-    whole, stopped = small_run(tmp_path / "whole", mtsamples), small_run(tmp_path / "stopped", mtsamples)
+    whole, stopped = make_mlm_run(tmp_path / "whole", mtsamples), make_mlm_run(tmp_path / "stopped", mtsamples)
     args = ["max_steps=8", "checkpoint_every=100"]
-    mlm.run(spec(whole, tiny_bert, *args))
-    command = [sys.executable, "-m", "medclf", "mlm", f"out={stopped}", f"model={tiny_bert}", *TINY_ARGS, *args]
+    mlm.run(mlm_spec(whole, tiny_bert, *args))
+    command = [sys.executable, "-m", "medclf", "mlm", f"out={stopped}", f"model={tiny_bert}", *TINY_MLM_ARGS, *args]
     env = {**os.environ, "PYTHONPATH": str(REPO), "MEDCLF_TEST_STEP_SLEEP": "0.5"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = ""
@@ -245,5 +213,5 @@ def test_sigusr1_saves_a_checkpoint_exits_75_and_resumes_exactly(tiny_bert, mtsa
     latest = checkpoint.find_latest(root)
     assert latest is not None and 2 <= int(latest.rsplit("-", 1)[1]) < 8
     assert not (stopped / "mlm" / "model").exists()
-    mlm.run(spec(stopped, tiny_bert, *args))
+    mlm.run(mlm_spec(stopped, tiny_bert, *args))
     assert_same_weights(weights(whole), weights(stopped))

@@ -9,22 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from medclf import checkpoint, mlm
-from tests.conftest import REPO
-from tests.test_mlm import TINY_ARGS, small_run, spec
+from tests.helpers import REPO, TINY_MLM_ARGS, free_port, make_mlm_run, mlm_spec
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = pytest.mark.slow
 
 
 def without_dropout(tiny_bert, folder):
@@ -42,7 +37,7 @@ def test_two_ranks_match_one_process(tiny_bert, mtsamples, tmp_path):
     model = without_dropout(tiny_bert, tmp_path / "model")
     # micro-batch 2: one process accumulates 4 micro-batches per step, each of two ranks 2.
     args = ["micro_batch_size=2", "max_steps=4", "checkpoint_every=2"]
-    one, two = small_run(tmp_path / "one", mtsamples), small_run(tmp_path / "two", mtsamples)
+    one, two = make_mlm_run(tmp_path / "one", mtsamples), make_mlm_run(tmp_path / "two", mtsamples)
     command = [
         sys.executable,
         "-m",
@@ -63,13 +58,13 @@ def test_two_ranks_match_one_process(tiny_bert, mtsamples, tmp_path):
         "mlm",
         f"out={two}",
         f"model={model}",
-        *TINY_ARGS,
+        *TINY_MLM_ARGS,
         *args,
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    mlm.run(spec(one, model, *args))
+    mlm.run(mlm_spec(one, model, *args))
 
     m1 = json.loads((one / "mlm" / "metrics.json").read_text())
     m2 = json.loads((two / "mlm" / "metrics.json").read_text())

@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from medclf import compare, config, evaluate, head, mlm, predict, prepare
-from tests.conftest import REPO
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow
 
 
 def test_tiny_pipeline_on_real_data(tmp_path, mtsamples, minilm):

@@ -14,8 +14,9 @@ import torch
 
 from medclf import classifier, config, head, predict
 from medclf.errors import MedclfError
-from tests.conftest import REPO
-from tests.small_run import head_spec, make_small_run
+from tests.helpers import REPO, free_port, head_spec, make_small_run
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,6 @@ def test_predict_bad_input(model_dir, notes, tmp_path):
 
 def test_two_ranks_write_the_same_rows_as_one_process(model_dir, notes, tmp_path):
     """A real 2-rank gloo run (PLATFORM.md: --multi_gpu plus ACCELERATE_USE_CPU=1): the shards gather back in order."""
-    from tests.test_mlm_distributed import free_port
 
     source = tmp_path / "notes.csv"
     notes.to_csv(source, index=False)

@@ -20,7 +20,9 @@ import pytest
 from medclf import config, models, prepare, storage
 from medclf.config import StorageSpec
 from medclf.errors import MedclfError
-from tests.conftest import REPO
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.s3
 
 MiB = 1 << 20
 
@@ -54,6 +56,7 @@ def medclf(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 # ---------------------------------------------------------------- prepare, CLI and errors
 
 
+@pytest.mark.slow
 def test_prepare_reads_and_writes_s3(s3, mtsamples, prepared):
     raw = upload_raw(s3, mtsamples)
     prepare.run(config.load("prepare", None, [f"out={s3.url}/run", f"prepare.input={raw}", *s3.overrides]))
@@ -65,6 +68,7 @@ def test_prepare_reads_and_writes_s3(s3, mtsamples, prepared):
         prepare.run(config.load("prepare", None, [f"out={s3.url}/run", f"prepare.input={raw}"]))
 
 
+@pytest.mark.slow
 def test_cli_missing_bucket_or_wrong_credentials_is_one_line_and_writes_nothing(s3, mtsamples, tmp_path):
     raw = upload_raw(s3, mtsamples)
     before = s3.keys()
@@ -100,7 +104,7 @@ def test_cli_missing_bucket_or_wrong_credentials_is_one_line_and_writes_nothing(
 
 
 def test_unreachable_endpoint_fails_in_bounded_time(s3, tmp_path):
-    from tests.s3server import free_port
+    from tests.helpers import free_port
 
     storage.configure(StorageSpec(endpoint_url=f"http://127.0.0.1:{free_port()}", timeout_s=1, retries=2))
     started = time.monotonic()
@@ -173,6 +177,7 @@ def test_forked_worker_gets_its_own_s3_client(s3):
 # ---------------------------------------------------------------- a server that stops answering
 
 
+@pytest.mark.slow
 def test_frozen_server_mid_upload_fails_in_bounded_time_and_leaves_nothing(s3):
     configure(s3, block_size_mib=5, timeout_s=1, retries=2)
     data = os.urandom(12 * MiB)
@@ -195,6 +200,7 @@ def test_frozen_server_mid_upload_fails_in_bounded_time_and_leaves_nothing(s3):
     assert storage.read_bytes(f"{s3.url}/big.bin") == data
 
 
+@pytest.mark.slow
 def test_frozen_server_small_write_fails_in_bounded_time(s3):
     configure(s3, timeout_s=1, retries=1)
     with s3.server.frozen():
@@ -208,6 +214,7 @@ def test_frozen_server_small_write_fails_in_bounded_time(s3):
     assert storage.read_json(f"{s3.url}/note.json") == {"x": 2}
 
 
+@pytest.mark.slow
 def test_a_brief_stall_is_retried_and_the_write_succeeds(s3):
     configure(s3, timeout_s=1, retries=4)
     storage.write_json(f"{s3.url}/warm.json", {})  # connect first: the stall hits a request, not the connect
@@ -222,6 +229,7 @@ def test_a_brief_stall_is_retried_and_the_write_succeeds(s3):
 # ---------------------------------------------------------------- model folders on S3
 
 
+@pytest.mark.slow
 def test_model_folder_on_s3_is_fetched_once_and_checked_against_its_manifest(s3, tiny_bert, tmp_path, monkeypatch):
     from medclf import manifest
 
@@ -245,17 +253,18 @@ def test_model_folder_on_s3_is_fetched_once_and_checked_against_its_manifest(s3,
 # ---------------------------------------------------------------- the mlm job on S3
 
 
+@pytest.mark.slow
 def test_mlm_on_s3_fails_when_frozen_mid_checkpoint_and_resumes_exactly(
     s3, tiny_bert, mtsamples, tmp_path, monkeypatch, caplog
 ):
     from medclf import checkpoint, manifest, mlm
-    from tests.test_mlm import TINY_ARGS, assert_same_weights, small_run
+    from tests.helpers import TINY_MLM_ARGS, assert_same_weights, make_mlm_run
 
     # Everything on S3: the model folder, the prepared notes, checkpoints, the adapted model.
     monkeypatch.setattr(models, "CACHE", str(tmp_path / "cache"))
     model_url = f"{s3.url}/models/tiny-bert"
     storage.upload_dir(str(tiny_bert), model_url)
-    notes = small_run(tmp_path / "notes", mtsamples)
+    notes = make_mlm_run(tmp_path / "notes", mtsamples)
     for run in ("whole", "faulty"):
         storage.upload_dir(str(notes / "prepare"), f"{s3.url}/{run}/prepare")
 
@@ -263,7 +272,7 @@ def test_mlm_on_s3_fails_when_frozen_mid_checkpoint_and_resumes_exactly(
         return [
             f"out={s3.url}/{run}",
             f"model={model_url}",
-            *TINY_ARGS,
+            *TINY_MLM_ARGS,
             "max_steps=8",
             "checkpoint_every=3",
             *s3.overrides,
@@ -315,6 +324,7 @@ def test_mlm_on_s3_fails_when_frozen_mid_checkpoint_and_resumes_exactly(
     assert storage.read_text(f"{root}/latest").strip() == "step-0000008"
 
 
+@pytest.mark.slow
 def test_mlm_with_a_missing_bucket_fails_before_any_work(s3, tiny_bert):
     from medclf import mlm
 
@@ -352,6 +362,7 @@ predict:
 """
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_with_every_url_on_s3(s3, mtsamples, tiny_bert, tmp_path, monkeypatch):
     import pandas as pd
 

@@ -23,7 +23,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import REPO
+from tests.helpers import REPO
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SLURM = REPO / "slurm"
 CLUSTER = REPO / "tests" / "slurm"
