@@ -90,7 +90,7 @@ class MlmSpec:
     mlm_probability: float = opt(0.15, "share of tokens masked")
     whole_word_masking: bool = opt(False, "mask all pieces of a word together")
     epochs: int = opt(1, "passes over the training blocks")
-    max_steps: Optional[int] = opt(None, "stop after this many optimizer steps (overrides epochs)")
+    max_steps: Optional[int] = opt(None, "stop after this many optimizer steps, at least 1 (overrides epochs)")
     batch_size: int = opt(32, "global batch in blocks per optimizer step, whatever the process count")
     micro_batch_size: int = opt(8, "blocks per process per forward pass; accumulation makes up the rest")
     lr: float = opt(5e-5, "peak learning rate (AdamW)")
@@ -102,7 +102,9 @@ class MlmSpec:
     checkpoint_every: int = opt(500, "save a checkpoint every N steps (and at the end)")
     keep_last: int = opt(3, "complete checkpoints kept")
     resume: str = opt(
-        "auto", "auto: latest complete, verified checkpoint if any; never (start over); or a checkpoint URL"
+        "auto",
+        "auto: the checkpoint `latest` names once verified, else an older verified one; never: start over; "
+        "or a checkpoint URL",
     )
     log_every: int = opt(10, "log loss, lr, tokens/s and ETA every N steps")
     report_to: str = opt("none", "accelerate trackers: none, tensorboard, wandb, ... (comma separated)")

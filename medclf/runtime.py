@@ -1,6 +1,6 @@
 """The Accelerate plumbing every training loop shares: accelerator, seeding, progress, stop signals.
 
-Jobs call these helpers; none of them hides the loop. See mlm.py and head.py for the loops.
+Jobs call these helpers; none of them hides the loop. See mlm.py and training.py for the loops.
 """
 
 from __future__ import annotations
