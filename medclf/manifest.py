@@ -74,13 +74,15 @@ def read(url: str, what: str = "checkpoint") -> dict:
     return manifest
 
 
-def read_verified(url: str, name: str, manifest: dict) -> bytes:
-    """A listed file's bytes, refused by name if its size or SHA-256 differs from the manifest."""
+def read_verified(url: str, name: str, manifest: dict, shown: Optional[str] = None) -> bytes:
+    """A listed file's bytes, refused by name if its size or SHA-256 differs from the manifest.
+
+    `shown`: the URL to name in errors when `url` is a local copy of it (a fetched model)."""
     expected = manifest["files"].get(name)
-    file_url = storage.join(url, name)
+    file_url = storage.join(shown or url, name)
     if expected is None:
         raise MedclfError(f"{file_url}: not listed in the manifest")
-    data = storage.read_bytes(file_url)
+    data = storage.read_bytes(storage.join(url, name))
     if len(data) != expected.get("size"):
         raise MedclfError(f"{file_url}: {len(data)} bytes, manifest says {expected.get('size')} (truncated?)")
     if hashlib.sha256(data).hexdigest() != expected.get("sha256"):
@@ -88,17 +90,18 @@ def read_verified(url: str, name: str, manifest: dict) -> bytes:
     return data
 
 
-def verify(url: str, what: str = "checkpoint") -> dict:
+def verify(url: str, what: str = "checkpoint", shown: Optional[str] = None) -> dict:
     """Check every file of `url` against its manifest; returns the manifest."""
     manifest = read(url, what)
     for name in manifest["files"]:
-        read_verified(url, name, manifest)
+        read_verified(url, name, manifest, shown)
     return manifest
 
 
-def verify_if_present(folder: str, what: str = "model") -> Optional[dict]:
-    """verify() for a folder published by medclf; None for one written by other tools (no manifest)."""
-    return verify(folder, what) if exists(folder) else None
+def verify_if_present(folder: str, shown: str) -> Optional[dict]:
+    """verify() for a model folder published by medclf, errors naming `shown` (the reference the user
+    gave); None for a folder written by other tools (no manifest)."""
+    return verify(folder, "model", shown) if exists(folder) else None
 
 
 def fingerprint(manifest: dict) -> str:

@@ -114,8 +114,8 @@ class Blocks:
     """The packed training blocks, their masker, and the fixed-mask validation batch."""
 
     tokenizer: Any
-    train: list
-    starts: list
+    train: torch.Tensor  # [blocks, max_length] token ids
+    starts: torch.Tensor  # the same shape: 1 where a word starts (whole-word masking)
     masker: Masker
     val_inputs: torch.Tensor
     val_labels: torch.Tensor

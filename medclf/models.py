@@ -39,7 +39,7 @@ def resolve(ref: str) -> str:
     if storage.is_local(ref):
         path = storage.local_path(ref)
         if os.path.isdir(path):
-            manifest.verify_if_present(path, "model")  # published by medclf: refuse a truncated or altered file
+            manifest.verify_if_present(path, ref)  # published by medclf: refuse a truncated or altered file
             check_bert_family(path, ref)
             return path
         if HUB_ID.match(path):
@@ -60,7 +60,7 @@ def _fetch(url: str, local: str) -> None:
     tmp = f"{local}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         storage.download_dir(url, tmp)
-        manifest.verify_if_present(tmp, "model")
+        manifest.verify_if_present(tmp, url)
         check_bert_family(tmp, url)
         open(os.path.join(tmp, ".complete"), "w").close()
         os.makedirs(os.path.dirname(local), exist_ok=True)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medclf import checkpoint, mlm
+from medclf import manifest, mlm
 from tests.helpers import REPO, TINY_MLM_ARGS, free_port, make_mlm_run, mlm_spec
 
 pytestmark = pytest.mark.slow
@@ -77,5 +77,5 @@ def test_two_ranks_match_one_process(tiny_bert, mtsamples, tmp_path):
     for name in w1:
         torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-5, msg=name)
     # Each rank saved its own RNG state into the same checkpoint.
-    manifest = checkpoint.verify(str(two / "mlm" / "checkpoints" / "step-0000004"))
-    assert {"rng-rank00000.safetensors", "rng-rank00001.safetensors"} <= set(manifest["files"])
+    listing = manifest.verify(str(two / "mlm" / "checkpoints" / "step-0000004"))
+    assert {"rng-rank00000.safetensors", "rng-rank00001.safetensors"} <= set(listing["files"])

@@ -243,7 +243,7 @@ def test_model_folder_on_s3_is_fetched_once_and_checked_against_its_manifest(s3,
 
     # Replaced behind the manifest's back (or read while being republished): refused by name.
     storage.write_text(f"{url}/config.json", (tiny_bert / "config.json").read_text().replace("2", "3", 1))
-    with pytest.raises(MedclfError, match=r"tiny-bert/config\.json: differs from the folder's manifest"):
+    with pytest.raises(MedclfError, match=rf"{url}/config\.json: SHA-256 differs from the manifest"):
         models.resolve(url)
     assert sorted(os.listdir(tmp_path / "cache" / "models")) == [os.path.basename(local)]
     with pytest.raises(MedclfError, match="no such model folder, or it is empty"):
