@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Optional
 
-from medclf import config, storage
+from medclf import __version__, config, storage
 from medclf.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, MedclfError, Preempted
 
 JOBS = {
@@ -32,6 +32,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(_overview())
         sys.exit(0 if argv else EXIT_BAD_INPUT)
+    if argv[0] in ("-V", "--version"):
+        print(f"medclf {__version__}")
+        sys.exit(0)
     job, rest = argv[0], argv[1:]
     if job not in JOBS:
         _fail("medclf", f"unknown job {job!r}; jobs: {', '.join(JOBS)}")
