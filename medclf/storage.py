@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import logging
+import lzma
 import os
 import shutil
 import tempfile
@@ -165,9 +166,14 @@ def open_read(url: str, mode: str = "rb", **kwargs: Any) -> Iterator[IO]:
         yield f
 
 
-def read_bytes(url: str) -> bytes:
-    with open_read(url) as f:
-        return f.read()
+def read_bytes(url: str, decompress: bool = False) -> bytes:
+    """The file's bytes; with `decompress`, a `.xz`, `.gz`, `.bz2` or `.zst` file is decompressed by its suffix."""
+    kwargs = {"compression": "infer"} if decompress else {}
+    with open_read(url, **kwargs) as f:
+        try:
+            return f.read()
+        except (lzma.LZMAError, OSError, EOFError) as e:  # a corrupt or truncated stream (gzip raises OSError)
+            raise MedclfError(f"{url}: cannot decompress ({describe_error(e)})") from None
 
 
 def read_text(url: str) -> str:

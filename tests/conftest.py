@@ -1,7 +1,12 @@
-"""Shared fixtures: the real assets in ../shared, and a tiny BERT built here (never downloaded)."""
+"""Shared fixtures: the real assets shipped with the project, and a tiny BERT built here (never downloaded).
+
+The raw data is `data/mtsamples.csv.xz` in the repository and MiniLM is the package of the `minilm`
+extra; `MEDCLF_SHARED=/path/to/shared` (with data/mtsamples.csv and models/all-MiniLM-L6-v2) overrides both.
+"""
 
 from __future__ import annotations
 
+import lzma
 import os
 import pathlib
 
@@ -11,27 +16,35 @@ from tests.helpers import REPO, make_tiny_bert
 from tests.s3server import s3, s3_server  # noqa: F401 - moto S3 server fixtures for any test
 
 
-def shared_dir() -> pathlib.Path:
-    """MEDCLF_SHARED (set by .ci/run) or ../shared next to the checkout."""
-    return pathlib.Path(os.environ.get("MEDCLF_SHARED", REPO.parent / "shared"))
-
-
-def shared_file(*parts: str) -> pathlib.Path:
-    """A real asset; a test that needs one fails loudly when it is missing."""
-    path = shared_dir().joinpath(*parts)
+def asset(shipped: pathlib.Path, *override: str) -> pathlib.Path:
+    """A real asset: the shipped one, or the file under MEDCLF_SHARED when set; fails loudly when missing."""
+    shared = os.environ.get("MEDCLF_SHARED")
+    path = pathlib.Path(shared).joinpath(*override) if shared else shipped
     if not path.exists():
-        pytest.fail(f"missing shared asset {path} (MEDCLF_SHARED={os.environ.get('MEDCLF_SHARED')!r})")
+        pytest.fail(f"missing asset {path} (MEDCLF_SHARED={shared!r})")
     return path
 
 
+SHIPPED_DATA = REPO / "data" / "mtsamples.csv.xz"
+
+
 @pytest.fixture(scope="session")
-def mtsamples() -> pathlib.Path:
-    return shared_file("data", "mtsamples.csv")
+def mtsamples(tmp_path_factory) -> pathlib.Path:
+    """The raw CSV, decompressed once: tests copy, cut and corrupt its bytes as a user's file."""
+    if os.environ.get("MEDCLF_SHARED"):
+        return asset(SHIPPED_DATA, "data", "mtsamples.csv")
+    plain = tmp_path_factory.mktemp("data") / "mtsamples.csv"
+    plain.write_bytes(lzma.decompress(asset(SHIPPED_DATA).read_bytes()))
+    return plain
 
 
 @pytest.fixture(scope="session")
 def minilm() -> pathlib.Path:
-    return shared_file("models", "all-MiniLM-L6-v2")
+    from medclf import models
+
+    if os.environ.get("MEDCLF_SHARED"):
+        return asset(REPO, "models", "all-MiniLM-L6-v2")
+    return pathlib.Path(models.resolve("all-MiniLM-L6-v2"))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """prepare on the real MTSamples data, over memory://, and on every kind of bad input."""
 
+import hashlib
 import json
+import lzma
 import subprocess
 import sys
 import uuid
@@ -11,6 +13,7 @@ import pytest
 from medclf import cli, config, prepare, storage
 from medclf.errors import EXIT_BAD_INPUT
 
+RAW_SHA256 = "a92cb78569f460606661ee7da50c92305b60d0fac2be4b06c8d2de0f234612d4"  # data/README.md
 CLASSES = ["Surgery", "Consult", "Cardiovascular", "Orthopedic", "Radiology", "General Medicine"]
 
 
@@ -164,3 +167,24 @@ def test_cli_entry_points(tmp_path, tiny_raw):
     assert "prepare.split = grouped" in help_text and "prepare.input" in help_text
     bad = subprocess.run(["medclf", "nojob"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown job 'nojob'" in bad.stderr
+
+
+def test_the_shipped_xz_is_the_raw_file_and_prepare_reads_it_directly(mtsamples, tmp_path):
+    from tests.conftest import SHIPPED_DATA
+
+    assert hashlib.sha256(lzma.decompress(SHIPPED_DATA.read_bytes())).hexdigest() == RAW_SHA256
+    from_xz = run_prepare(tmp_path / "xz", str(SHIPPED_DATA), "prepare.sample_notes=200")
+    from_csv = run_prepare(tmp_path / "csv", str(mtsamples), "prepare.sample_notes=200")
+    assert from_xz[0].equals(from_csv[0]) and from_xz[1].equals(from_csv[1])
+    assert {k: v for k, v in from_xz[2].items() if k != "input"} == {
+        k: v for k, v in from_csv[2].items() if k != "input"
+    }
+
+
+def test_a_truncated_xz_is_one_line_and_writes_nothing(capsys, tmp_path):
+    from tests.conftest import SHIPPED_DATA
+
+    (tmp_path / "cut.csv.xz").write_bytes(SHIPPED_DATA.read_bytes()[:5000])
+    code, err = run_cli(capsys, "prepare", f"out={tmp_path / 'run'}", f"prepare.input={tmp_path / 'cut.csv.xz'}")
+    assert code == 2 and "cut.csv.xz: cannot decompress" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
