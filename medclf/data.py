@@ -6,9 +6,10 @@ one line naming the file (and row or column) and what is wrong.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -24,7 +25,11 @@ SPECIALTY = "medical_specialty"
 
 
 def read_table(url: str, columns: list[str]) -> pd.DataFrame:
-    """Read a UTF-8 CSV (plain or compressed: `.csv.xz`, `.csv.gz`) and check it has `columns`; all values as text."""
+    """Read a UTF-8 CSV (plain or compressed: `.csv.xz`, `.csv.gz`) and check it has `columns`; all values as text.
+
+    The structure is checked first (see `check_structure`): pandas repairs many broken CSVs
+    without a word, so only a file that is a well-formed table reaches it.
+    """
     data = storage.read_bytes(url, decompress=True)
     if not data.strip():
         raise MedclfError(f"{url}: file is empty")
@@ -33,14 +38,83 @@ def read_table(url: str, columns: list[str]) -> pd.DataFrame:
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise MedclfError(f"{url}: not UTF-8 (bad byte 0x{data[e.start]:02x} on line {line})") from None
+    # A UTF-8 byte order mark is what Excel writes with "CSV UTF-8": accepted, and dropped so that
+    # it never becomes part of the first column's name.
+    text = text.removeprefix("\ufeff")
+    records = check_structure(text, url)
     try:
         df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise MedclfError(f"{url}: not a readable CSV ({' '.join(str(e).split())})") from None
+    if len(df) != records:
+        raise MedclfError(f"{url}: pandas read {len(df)} rows where the file has {records} records")
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise MedclfError(f"{url}: missing column(s) {', '.join(missing)} (has: {', '.join(map(str, df.columns))})")
     return df
+
+
+def check_structure(text: str, url: str) -> int:
+    """Refuse what pandas would silently repair; returns the number of data records.
+
+    Refused: a NUL byte, a line ending in a bare carriage return, broken quoting (a quote that
+    never closes, or text after a closing quote), a record with more or fewer fields than the
+    header, and a header with a repeated or empty column name. An empty first column name is the
+    unnamed index column that pandas' `to_csv` writes (the MTSamples file has one): accepted.
+    Blank lines are skipped, as pandas does: they hold no values. Errors name the line on which
+    the offending record starts.
+    """
+    nul = text.find("\0")
+    if nul >= 0:
+        raise MedclfError(f"{url}: line {text.count(chr(10), 0, nul) + 1}: NUL byte (not a text CSV)")
+    last_line = [""]
+
+    def lines() -> Iterator[str]:
+        for line in io.StringIO(text, newline=""):
+            last_line[0] = line
+            yield line
+
+    # The csv module refuses fields over 128 KiB; pandas has no such limit, and a long note is not broken.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+    reader = csv.reader(lines(), strict=True)
+    header: Optional[list[str]] = None
+    records, start = 0, 1
+    try:
+        for record in reader:
+            if last_line[0].endswith("\r"):
+                raise MedclfError(
+                    f"{url}: line {reader.line_num}: ends with a bare carriage return (\\r); "
+                    "only \\n or \\r\\n line endings are read"
+                )
+            if record and header is None:
+                header = record
+                _check_header(header, url, start)
+            elif record and len(record) != len(header):
+                problem = f"{len(record)} fields, the header has {len(header)}"
+                raise MedclfError(f"{url}: line {start}: {problem}{_runs_on(start, reader.line_num)}")
+            elif record:
+                records += 1
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise MedclfError(f"{url}: line {start}: broken quoting ({e}){_runs_on(start, reader.line_num)}") from None
+    return records
+
+
+def _runs_on(start: int, end: int) -> str:
+    """A record that ends on a later line than it starts: quoted line breaks, or a quote never closed."""
+    return f" (the record runs on to line {end}: a quote that never closes?)" if end > start else ""
+
+
+def _check_header(header: list[str], url: str, line: int) -> None:
+    seen: dict[str, int] = {}
+    for number, name in enumerate(header, 1):
+        if name == "" and number > 1:
+            raise MedclfError(f"{url}: line {line}: header column {number} has no name")
+        if name in seen:
+            raise MedclfError(
+                f"{url}: line {line}: header names column {name!r} twice (columns {seen[name]} and {number})"
+            )
+        seen[name] = number
 
 
 def check_texts(df: pd.DataFrame, url: str, column: str = TEXT) -> None:

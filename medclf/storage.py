@@ -145,6 +145,8 @@ def listdir(url: str) -> list[str]:
             entries = fs.ls(path, detail=False)
         except FileNotFoundError:
             return []
+    # The listed folder's own marker key ("<path>/", a zero-byte object the S3 console and some
+    # tools create) comes back among its entries: it is not a name under it.
     return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != path.rstrip("/"))
 
 
@@ -388,7 +390,8 @@ def download_dir(url: str, local_dir: str) -> str:
     fs, path = filesystem(url)
     with reported(url):
         _fresh(fs, path)
-        files = [p for p in fs.find(path) if not p.rstrip("/").endswith("/")]
+        # A key ending in "/" is a folder marker (the S3 console's "Create folder"), not a file.
+        files = [p for p in fs.find(path) if not p.endswith("/")]
     if not files:
         raise MedclfError(f"{url}: no such folder, or it is empty")
     os.makedirs(local_dir, exist_ok=True)

@@ -81,6 +81,42 @@ def write(name: str, text: str) -> Callable[[Path], None]:
     return apply
 
 
+def edit_text(name: str, change: Callable[[str], str]) -> Callable[[Path], None]:
+    """Change a CSV's text as it is on disk (line endings and quoting included)."""
+
+    def apply(run: Path) -> None:
+        path = run / name
+        path.write_bytes(change(path.read_bytes().decode("utf-8")).encode("utf-8"))
+
+    return apply
+
+
+def after_header(name: str, record: str) -> Callable[[Path], None]:
+    """Insert `record` on line 2, right after the header line."""
+    return edit_text(name, lambda text: text.replace("\n", "\n" + record, 1))
+
+
+def last_header_name(name: Callable[[list[str]], str]) -> Callable[[str], str]:
+    """Rename the header's last column to `name(names)`."""
+
+    def change(text: str) -> str:
+        header, records = text.split("\n", 1)
+        names = header.split(",")
+        return ",".join([*names[:-1], name(names)]) + "\n" + records
+
+    return change
+
+
+REPEATED = last_header_name(lambda names: names[1])  # pandas would rename the second one "<name>.1"
+UNNAMED = last_header_name(lambda names: "")  # pandas would call it "Unnamed: 5"
+
+
+def extra_field_everywhere(text: str) -> str:
+    """One more field at the end of every record but the header: pandas would shift them into the index."""
+    header, records = text.split("\n", 1)
+    return header + "\n" + records.replace("\n", ",extra\n")  # record ends: \n; quoted line breaks: \r\n
+
+
 def publish(source: str, target: str) -> Callable[[Path], None]:
     def apply(run: Path) -> None:
         manifest.publish_dir(str(run / source), str(run / target))
@@ -125,11 +161,63 @@ UNWRITABLE = r"blocked.*cannot write: .* is a file, not a folder"
 NOT_BERT = r"model_type 'gpt2' is not a BERT"
 UNKNOWN_LABEL = r"label 'Dermatology' is not one of the classes"
 
+TWICE = r"header names column 'description' twice \(columns 2 and 6\)"
+OPEN_QUOTE = '9,d,Surgery,n,"never closed,kw\n'
+NEVER_CLOSED = r"line 2: broken quoting .*runs on to line \d+: a quote that never closes"
+CR = r"ends with a bare carriage return"
+
 CASES = [
     # prepare
     ("prepare", "missing CSV", [*PREPARE, "prepare.input={run}/absent.csv"], None, NO_SUCH_FILE),
     ("prepare", "wrong-schema CSV", PREPARE, edit_csv("raw.csv", drop_text), r"raw\.csv: " + MISSING_TEXT),
     ("prepare", "not UTF-8 text", PREPARE, not_utf8("raw.csv"), r"raw\.csv: not UTF-8"),
+    ("prepare", "repeated column name", PREPARE, edit_text("raw.csv", REPEATED), r"raw\.csv: line 1: " + TWICE),
+    (
+        "prepare",
+        "empty column name",
+        PREPARE,
+        edit_text("raw.csv", UNNAMED),
+        r"raw\.csv: line 1: header column 6 has no",
+    ),
+    ("prepare", "quote never closed", PREPARE, after_header("raw.csv", OPEN_QUOTE), r"raw\.csv: " + NEVER_CLOSED),
+    (
+        "prepare",
+        "quote never closed, at the end",
+        PREPARE,
+        edit_text("raw.csv", lambda text: text.split("\n", 1)[0] + "\n" + OPEN_QUOTE),
+        r"raw\.csv: line 2: broken quoting \(unexpected end of data\)",
+    ),
+    (
+        "prepare",
+        "text after a closing quote",
+        PREPARE,
+        after_header("raw.csv", '9,d,Surgery,n,"closed"then more,kw\n'),
+        r"raw\.csv: line 2: broken quoting \(',' expected after",
+    ),
+    ("prepare", "one field too many", PREPARE, after_header("raw.csv", "9,d,Surgery,n,t,kw,x\n"), r"line 2: 7 fields"),
+    (
+        "prepare",
+        "a field too many on every row",
+        PREPARE,
+        edit_text("raw.csv", extra_field_everywhere),
+        r"line 2: 7 fields",
+    ),
+    ("prepare", "fields missing", PREPARE, after_header("raw.csv", "9,d,Surgery,n,t\n"), r"raw\.csv: line 2: 5 fields"),
+    ("prepare", "NUL byte", PREPARE, after_header("raw.csv", "9,d,Surgery,n,t\0ext,kw\n"), r"line 2: NUL byte"),
+    (
+        "prepare",
+        "bare CR line endings",
+        PREPARE,
+        edit_text("raw.csv", lambda t: t.replace("\n", "\r")),
+        r"line 1: " + CR,
+    ),
+    (
+        "prepare",
+        "bare CR inside a row",
+        PREPARE,
+        after_header("raw.csv", "9,d,Surgery,n,t\rext,kw\n"),
+        r"line 2: " + CR,
+    ),
     ("prepare", "existing output", [*PREPARE, "out={run}"], None, r"run/prepare: output exists"),
     ("prepare", "unwritable output", [*PREPARE, "out={run}/blocked/run"], None, UNWRITABLE),
     # mlm
@@ -143,6 +231,8 @@ CASES = [
         r"train\.csv: row 4: empty transcription",
     ),
     ("mlm", "not UTF-8 text", MLM, not_utf8(TRAIN), r"train\.csv: not UTF-8"),
+    ("mlm", "repeated column name", MLM, edit_text(TRAIN, REPEATED), r"train\.csv: line 1: header names"),
+    ("mlm", "quote never closed", MLM, after_header(TRAIN, OPEN_QUOTE), r"train\.csv: " + NEVER_CLOSED),
     ("mlm", "not a BERT-family model", [*MLM, "mlm.model={run}/gpt2"], None, r"gpt2: " + NOT_BERT),
     ("mlm", "not a model folder", [*MLM, "mlm.model={run}/prepare"], None, r"prepare: not a model folder"),
     ("mlm", "max_length above positions", [*MLM, "mlm.max_length=256"], None, r"mlm\.max_length: 256 is above"),
@@ -186,6 +276,7 @@ CASES = [
     # evaluate
     ("evaluate", "missing CSV", [*EVALUATE, "evaluate.data={run}/absent.csv"], None, NO_SUCH_FILE),
     ("evaluate", "wrong-schema CSV", EVALUATE, edit_csv(VALIDATION, drop_text), r"validation\.csv: " + MISSING_TEXT),
+    ("evaluate", "fields missing", EVALUATE, after_header(VALIDATION, "x,y\n"), r"validation\.csv: line 2: 2 fields"),
     (
         "evaluate",
         "empty transcription",

@@ -142,6 +142,20 @@ def test_bad_input(case, expected, tmp_path, tiny_raw, capsys):
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
 
 
+def test_excel_bom_and_unnamed_index_column_are_accepted(tmp_path, tiny_raw):
+    """Excel's "CSV UTF-8" starts with a byte order mark, and pandas' to_csv writes an unnamed index column."""
+    frame = tiny_raw.set_index("Unnamed: 0").rename_axis(None)  # header ",description,...", as in MTSamples
+    plain, bom = tmp_path / "plain.csv", tmp_path / "bom.csv"
+    frame.to_csv(plain)
+    frame.to_csv(bom, encoding="utf-8-sig")
+    assert bom.read_bytes() == b"\xef\xbb\xbf" + plain.read_bytes()
+    train, validation, _ = run_prepare(tmp_path / "plain", plain)
+    train_bom, validation_bom, _ = run_prepare(tmp_path / "bom", bom)
+    pd.testing.assert_frame_equal(train_bom, train)
+    pd.testing.assert_frame_equal(validation_bom, validation)
+    assert all("\ufeff" not in c for c in train_bom.columns)
+
+
 def test_overwrite_replaces(tmp_path, tiny_raw):
     raw = write_csv(tmp_path / "raw.csv", tiny_raw)
     (tmp_path / "run" / "prepare").mkdir(parents=True)

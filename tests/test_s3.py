@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from medclf import config, models, prepare, storage
+from medclf import checkpoint, config, models, prepare, storage
 from medclf.config import StorageSpec
 from medclf.errors import MedclfError
 from tests.helpers import REPO
@@ -150,6 +150,25 @@ def test_listing_sees_writes_of_other_processes(s3):
     assert storage.exists(f"{s3.url}/ckpt/step-000002/manifest.json")
     client.delete_object(Bucket=s3.bucket, Key="ckpt/step-000001/manifest.json")
     assert storage.listdir(f"{s3.url}/ckpt") == ["step-000002"]
+
+
+def test_folder_marker_keys_are_neither_names_nor_files(s3, tmp_path):
+    """The S3 console's "Create folder" (and some sync tools) leave a zero-byte key ending in "/"."""
+    client = s3.server.client()
+    for key in ("run/", "run/prepare/", "run/prepare/empty/", "run/mlm/checkpoints/", "run/blank/"):
+        client.put_object(Bucket=s3.bucket, Key=key, Body=b"")
+    client.put_object(Bucket=s3.bucket, Key="run/prepare/train.csv", Body=b"a,b\n1,2\n")
+    client.put_object(Bucket=s3.bucket, Key="run/mlm/checkpoints/step-0000003/manifest.json", Body=b"{}")
+
+    assert storage.listdir(f"{s3.url}/run/prepare") == ["empty", "train.csv"]  # "empty" is a folder, as locally
+    assert storage.listdir(f"{s3.url}/run/prepare/") == ["empty", "train.csv"]
+    assert storage.listdir(f"{s3.url}/run/blank") == []
+    assert checkpoint.list_steps(f"{s3.url}/run/mlm/checkpoints") == [3]
+
+    local = storage.download_dir(f"{s3.url}/run/prepare", str(tmp_path / "copy"))  # the files, and only them
+    assert sorted(str(p.relative_to(local)) for p in pathlib.Path(local).rglob("*")) == ["train.csv"]
+    with pytest.raises(MedclfError, match="blank: no such folder, or it is empty"):
+        storage.download_dir(f"{s3.url}/run/blank", str(tmp_path / "blank"))
 
 
 def _read_in_child(url: str, queue) -> None:
