@@ -20,7 +20,7 @@ import json
 import logging
 import random
 import re
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import numpy as np
 import torch
@@ -122,7 +122,7 @@ def _model_bytes(model: torch.nn.Module) -> bytes:
 
 
 def _rng_bytes() -> bytes:
-    np_state = np.random.get_state()
+    np_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())  # legacy=True: a tuple
     tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):

@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -27,6 +27,9 @@ from torch import nn
 from medclf import layout, manifest, models, storage
 from medclf.config import RunSpec
 from medclf.errors import MedclfError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel  # for annotations; load_encoder imports transformers when it runs
 
 FORMAT = "medclf-classifier/1"
 
@@ -61,7 +64,7 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
 class Classifier(nn.Module):
     """Encoder + head on token ids. A frozen encoder stays in eval mode even while the head trains."""
 
-    def __init__(self, encoder: nn.Module, head: Head, pooling: str, frozen: bool):
+    def __init__(self, encoder: PreTrainedModel, head: Head, pooling: str, frozen: bool):
         super().__init__()
         self.encoder, self.head, self.pooling, self.frozen = encoder, head, pooling, frozen
         if frozen:
@@ -100,7 +103,7 @@ class ClassifierInfo:
 # ---------------------------------------------------------------- encoders
 
 
-def load_encoder(ref: str, where: Optional[str] = None) -> tuple[nn.Module, object, str]:
+def load_encoder(ref: str, where: Optional[str] = None) -> tuple[PreTrainedModel, object, str]:
     """(encoder, tokenizer, local folder or hub id) for any model reference models.resolve accepts
     (`where`: models.resolve's answer, when the caller has it already)."""
     from transformers import AutoModel, AutoTokenizer
@@ -125,7 +128,7 @@ def encoder_reference(spec: RunSpec, encoder: str) -> str:
     if encoder == "pretrained":
         return spec.mlm.model
     if encoder == "adapted":
-        ref = layout.Run(spec.out).mlm_model
+        ref = layout.Run.of(spec).mlm_model
         if not manifest.exists(ref):  # written last: the model is complete
             raise MedclfError(f"head.encoder=adapted: {ref} has no model yet; run `medclf mlm` first")
         return ref
@@ -164,7 +167,7 @@ def check_max_length(max_length: int, where: str, ref: str, key: str) -> None:
 # ---------------------------------------------------------------- save and load
 
 
-def save(url: str, head: Head, info: ClassifierInfo, encoder: Optional[nn.Module] = None, tokenizer=None) -> None:
+def save(url: str, head: Head, info: ClassifierInfo, encoder: Optional[PreTrainedModel] = None, tokenizer=None) -> None:
     """Write the classifier folder; its manifest last, so a folder without one is an interrupted save."""
     state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,14 +20,14 @@ from torch.utils.data import TensorDataset
 
 from medclf import data, features, layout, models, report, runtime, storage
 from medclf.classifier import Classifier, Head, check_max_length, encoder_reference, fingerprint, load_encoder
-from medclf.config import RunSpec
+from medclf.config import RunSpec, required
 from medclf.training import fit, probabilities
 
 log = logging.getLogger(__name__)
 
 
 def run(spec: RunSpec) -> None:
-    cfg, head_cfg, paths = spec.compare, spec.head, layout.Run(spec.out)
+    cfg, head_cfg, paths = spec.compare, spec.head, layout.Run.of(spec)
     storage.check_output(paths.comparison_md, spec.overwrite)
     refs = [encoder_reference(spec, e) for e in cfg.encoders]  # fails early if the adapted model is missing
     wheres = [models.resolve(ref) for ref in refs]  # each folder verified (hashed) once, here
@@ -35,8 +35,8 @@ def run(spec: RunSpec) -> None:
         check_max_length(head_cfg.max_length, where, ref, "head.max_length")
 
     # -- data
-    classes, train, validation = data.read_splits(spec.out, head_cfg.train, head_cfg.validation)
-    label_sets = report.note_labels(spec.out, validation[1])
+    classes, train, validation = data.read_splits(paths.out, head_cfg.train, head_cfg.validation)
+    label_sets = report.note_labels(paths.out, validation[1])
     accelerator = runtime.make_accelerator()
 
     # -- per encoder: features (cached), then one head per seed
@@ -64,11 +64,11 @@ def run(spec: RunSpec) -> None:
 
 def _features(spec: RunSpec, accelerator, ref: str, where: str, num_classes: int, train, validation):
     """The encoder's (cached) features of the train and validation splits."""
-    head_cfg = spec.head
+    head_cfg, out = spec.head, required(spec.out, "out")
     encoder, tokenizer, where = load_encoder(ref, where)
     model = Classifier(encoder, Head(encoder.config.hidden_size, num_classes), head_cfg.pooling, frozen=True)
     splits = [train[:2], validation[:2]]
-    return features.cached_splits(model, tokenizer, splits, head_cfg, spec.out, accelerator, fingerprint(where))
+    return features.cached_splits(model, tokenizer, splits, head_cfg, out, accelerator, fingerprint(where))
 
 
 def _train_head(spec: RunSpec, accelerator, seed: int, num_classes: int, train_x, train_y, validation_x) -> np.ndarray:

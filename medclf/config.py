@@ -9,11 +9,12 @@ the job uses. Checks that need the model, the data or the process count stay in 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, TypeGuard, TypeVar, Union
 
 import yaml
 
@@ -23,7 +24,7 @@ from medclf.errors import MedclfError
 def opt(default: Any, help: str) -> Any:
     """A spec field with its default and a one-line meaning (shown by `medclf JOB --help`)."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+        return field(default_factory=functools.partial(type(default), default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -37,7 +38,7 @@ def _at_least(section: Any, prefix: str, low: float, *keys: str) -> list[str]:
     ]
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -206,6 +207,16 @@ REQUIRED = {
 # The sections each job reads (besides the top level and storage): their ranges are checked.
 SECTIONS = {"prepare": ["prepare"], "mlm": ["mlm"], "head": ["head"], "evaluate": ["evaluate"]}
 SECTIONS |= {"compare": ["compare", "head"], "predict": ["predict"]}
+
+T = TypeVar("T")
+
+
+def required(value: Optional[T], key: str) -> T:
+    """The value of a key REQUIRED lists for the job: `load` has refused a spec without it, so a
+    None here is a spec built in code that skipped `load`."""
+    if value is None:
+        raise MedclfError(f"{key}: required but not set")
+    return value
 
 
 def _looks_like_url(text: str) -> bool:
@@ -399,7 +410,7 @@ def describe(job: Optional[str] = None) -> str:
 
 
 def _describe_field(key: str, f: dataclasses.Field) -> str:
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    default = f.default_factory() if callable(f.default_factory) else f.default
     shown = yaml.safe_dump(default, default_flow_style=True, width=1000).strip()
     shown = shown.removesuffix("\n...").removesuffix("...").strip()
     return f"    {key} = {shown}\n        {f.metadata['help']}"

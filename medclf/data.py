@@ -89,7 +89,7 @@ def check_structure(text: str, url: str) -> int:
             if record and header is None:
                 header = record
                 _check_header(header, url, start)
-            elif record and len(record) != len(header):
+            elif record and header is not None and len(record) != len(header):
                 problem = f"{len(record)} fields, the header has {len(header)}"
                 raise MedclfError(f"{url}: line {start}: {problem}{_runs_on(start, reader.line_num)}")
             elif record:
@@ -192,7 +192,7 @@ def class_map(
 ) -> dict[str, str]:
     """specialty -> class name. Default: the original rule, specialties above `min_share` of all rows."""
     if classes is not None:
-        mapping = {}
+        mapping: dict[str, str] = {}
         for name, sources in classes.items():
             for source in sources:
                 if source in mapping:
@@ -230,8 +230,8 @@ def split_grouped(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.Data
     target = fraction * len(notes)
     chosen: list[str] = []
     carried = 0.0
-    for _, ids in sorted(notes.groupby(notes).groups.items()):
-        ids = list(ids)
+    for _, group in sorted(notes.groupby(notes).groups.items()):
+        ids = list(group)
         rng.shuffle(ids)
         want = fraction * len(ids) + carried
         take = int(round(want))

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def run(spec: RunSpec) -> None:
     cfg = spec.evaluate
-    paths = layout.Run(spec.out)
+    paths = layout.Run.of(spec)
     by_name = "/" not in cfg.model and "://" not in cfg.model
     model_url = paths.head_model(cfg.model) if by_name else cfg.model
     name = cfg.model if by_name else cfg.model.rstrip("/").removesuffix("/model").rsplit("/", 1)[-1]
@@ -70,7 +70,7 @@ def run(spec: RunSpec) -> None:
             info.classes,
             y,
             predicted,
-            report.note_labels(spec.out, df),
+            report.note_labels(paths.out, df),
             about={"model": model_url, "data": data_url},
         )
     accelerator.wait_for_everyone()

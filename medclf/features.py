@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 import numpy as np
 import pandas as pd
@@ -92,7 +92,7 @@ def encode(
 
     # -- encode this rank's share, batch by batch (eval mode: no dropout, no gradients)
     model.to(accelerator.device).eval()
-    hidden = model.head.layers[0].in_features
+    hidden = cast(torch.nn.Linear, model.head.layers[0]).in_features
     started, tokens = time.perf_counter(), 0
     out = torch.zeros((len(mine), hidden), dtype=torch.float32)
     for batch in batches:

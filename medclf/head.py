@@ -35,13 +35,13 @@ log = logging.getLogger(__name__)
 
 
 def run(spec: RunSpec) -> None:
-    cfg, paths = spec.head, layout.Run(spec.out)
+    cfg, paths = spec.head, layout.Run.of(spec)
     name = cfg.name or head_name(cfg.encoder)
     out = paths.head(name)
     storage.check_output(out, spec.overwrite)
 
     # -- data: the prepared splits and their classes; every check before any model work
-    classes, train, validation = data.read_splits(spec.out, cfg.train, cfg.validation)
+    classes, train, validation = data.read_splits(paths.out, cfg.train, cfg.validation)
     seed = spec.seed if cfg.seed is None else cfg.seed
 
     # -- encoder and classifier (the head is seeded after the encoder: loading may draw random numbers)
@@ -84,7 +84,7 @@ def run(spec: RunSpec) -> None:
             classes,
             validation_y,
             probs.argmax(1),
-            report.note_labels(spec.out, validation_df),
+            report.note_labels(paths.out, validation_df),
             about={"encoder": ref, "seed": seed, "freeze": cfg.freeze},
         )
     accelerator.wait_for_everyone()
@@ -98,7 +98,7 @@ def _train_frozen(spec: RunSpec, accelerator, model: Classifier, tokenizer, wher
     encoder_fingerprint = fingerprint(where)
     splits = [train[:2], validation[:2]]
     train_x, validation_x = features.cached_splits(
-        model, tokenizer, splits, cfg, spec.out, accelerator, encoder_fingerprint
+        model, tokenizer, splits, cfg, config.required(spec.out, "out"), accelerator, encoder_fingerprint
     )
     head = fit(
         accelerator,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Optional
+from typing import MutableMapping, Optional
 
 import torch
 from accelerate.commands.launch import launch_command, launch_command_parser
@@ -28,7 +28,7 @@ from medclf.errors import EXIT_PREEMPTED
 CPU_MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
 
 
-def cpu_allocator_env(args, environ: dict) -> None:
+def cpu_allocator_env(args, environ: MutableMapping[str, str]) -> None:
     """Give a CPU run's workers CPU_MALLOC_TUNABLES; a GLIBC_TUNABLES the user set is left as it is."""
     use_cpu = getattr(args, "cpu", False) or environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     if (use_cpu or not torch.cuda.is_available()) and "GLIBC_TUNABLES" not in environ:

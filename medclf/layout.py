@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from medclf import storage
+from medclf.config import RunSpec, required
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,11 @@ class Run:
     """The URLs of one run folder `out`."""
 
     out: str
+
+    @classmethod
+    def of(cls, spec: RunSpec) -> Run:
+        """The run folder of a job that REQUIRES `out` (config.load has refused a spec without it)."""
+        return cls(required(spec.out, "out"))
 
     def _at(self, *parts: str) -> str:
         return storage.join(self.out, *parts)

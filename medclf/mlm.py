@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import broadcast
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers.modeling_utils import PreTrainedModel
 
 from medclf import checkpoint, config, data, layout, manifest, models, runtime, storage
 from medclf.config import RunSpec
@@ -58,7 +59,7 @@ class MaskedLM(torch.nn.Module):
     masked positions first and only those go through the model's own prediction head.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: PreTrainedModel):
         super().__init__()
         self.model = model
 
@@ -144,7 +145,7 @@ def run(spec: RunSpec) -> None:
 
 
 def _run(spec: RunSpec, stop: runtime.StopSignal) -> None:
-    cfg, paths = spec.mlm, layout.Run(spec.out)
+    cfg, paths = spec.mlm, layout.Run.of(spec)
     model_path, model_config = check_inputs(spec)
     accelerator, accumulation = start_accelerator(spec)
     resume_url = choose_resume(spec, accelerator)
@@ -168,7 +169,7 @@ def _run(spec: RunSpec, stop: runtime.StopSignal) -> None:
 
 def check_inputs(spec: RunSpec) -> tuple[str, Any]:
     """Everything that can be refused before any heavy work; returns the model folder and its config."""
-    cfg, paths = spec.mlm, layout.Run(spec.out)
+    cfg, paths = spec.mlm, layout.Run.of(spec)
     storage.check_writable(paths.mlm)
     model_path = models.resolve(cfg.model)
     try:
@@ -186,7 +187,7 @@ def check_inputs(spec: RunSpec) -> tuple[str, Any]:
 
 def start_accelerator(spec: RunSpec) -> tuple[Any, int]:
     """The accelerator, seeded; the global batch fixes the accumulation, whatever the process count."""
-    cfg, paths = spec.mlm, layout.Run(spec.out)
+    cfg, paths = spec.mlm, layout.Run.of(spec)
     trackers_dir = None
     if cfg.report_to != "none":  # trackers write local files: next to the outputs, or a temp folder
         local_out = storage.is_local(paths.mlm)
@@ -201,7 +202,7 @@ def start_accelerator(spec: RunSpec) -> tuple[Any, int]:
 
 def choose_resume(spec: RunSpec, accelerator: Any) -> Optional[str]:
     """The checkpoint to continue from, or None; the main process picks a verified one and tells the others."""
-    cfg, paths = spec.mlm, layout.Run(spec.out)
+    cfg, paths = spec.mlm, layout.Run.of(spec)
     checkpoints, main = paths.mlm_checkpoints, accelerator.is_main_process
     resume_url = None
     if cfg.resume == "never":
@@ -225,7 +226,7 @@ def choose_resume(spec: RunSpec, accelerator: Any) -> Optional[str]:
 
 def load_blocks(spec: RunSpec, model_path: str, model_config: Any, accelerator: Any, accumulation: int) -> Blocks:
     """Tokenized once (main process first, then read from the cache), packed into full blocks."""
-    cfg, paths = spec.mlm, layout.Run(spec.out)
+    cfg, paths = spec.mlm, layout.Run.of(spec)
     train_urls = [cfg.train or paths.prepared_train, *cfg.extra_text]
     validation_url = cfg.validation or paths.prepared_validation
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -334,7 +335,7 @@ def train(
             saved_at = state.step
         if state.step < total_steps and stop.requested(accelerator):
             url = save(spec, t, blocks, state) if saved_at != state.step else None
-            url = url or checkpoint.step_url(layout.Run(spec.out).mlm_checkpoints, state.step)
+            url = url or checkpoint.step_url(layout.Run.of(spec).mlm_checkpoints, state.step)
             progress.close()
             raise Preempted(f"stopped at step {state.step}/{total_steps}; checkpoint {url}")
     progress.close()
@@ -400,7 +401,7 @@ def save(spec: RunSpec, t: Training, blocks: Blocks, state: TrainState) -> str:
     state.blocks_done_in_epoch = position * spec.mlm.batch_size
     state.world_size = t.accelerator.num_processes
     return checkpoint.save(
-        layout.Run(spec.out).mlm_checkpoints,
+        layout.Run.of(spec).mlm_checkpoints,
         state.step,
         t.accelerator,
         model=t.raw.model,
@@ -414,7 +415,7 @@ def save(spec: RunSpec, t: Training, blocks: Blocks, state: TrainState) -> str:
 
 def publish(spec: RunSpec, t: Training, blocks: Blocks, state: TrainState, val_after: dict) -> None:
     """The adapted model (save_pretrained, manifest last) and metrics.json; main process only."""
-    cfg, paths = spec.mlm, layout.Run(spec.out)
+    cfg, paths = spec.mlm, layout.Run.of(spec)
     with tempfile.TemporaryDirectory() as local:
         t.raw.model.save_pretrained(local)
         blocks.tokenizer.save_pretrained(local)
@@ -481,7 +482,7 @@ def evaluate(t: Training, blocks: Blocks, micro_batch: int) -> dict:
 
 def _flat(tree: dict, prefix: str = "") -> dict:
     """A nested spec as flat scalar key/values, which every tracker accepts."""
-    flat = {}
+    flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
             flat |= _flat(value, f"{prefix}{key}.")

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from medclf import classifier, features, runtime, storage
-from medclf.config import RunSpec
+from medclf.config import RunSpec, required
 from medclf.errors import MedclfError
 
 log = logging.getLogger(__name__)
@@ -30,16 +30,18 @@ log = logging.getLogger(__name__)
 
 def run(spec: RunSpec) -> None:
     cfg = spec.predict
-    storage.check_output(cfg.output, spec.overwrite)
+    model_url, input_url = required(cfg.model, "predict.model"), required(cfg.input, "predict.input")
+    output_url = required(cfg.output, "predict.output")
+    storage.check_output(output_url, spec.overwrite)
     accelerator = runtime.make_accelerator()
-    model, tokenizer, info = classifier.load(cfg.model)
+    model, tokenizer, info = classifier.load(model_url)
     model.to(accelerator.device)
 
     started, rows = time.perf_counter(), 0
     # The output is written by the main process only, atomically: complete at the end or absent.
-    writer = storage.atomic_write(cfg.output) if accelerator.is_main_process else contextlib.nullcontext()
-    with storage.open_read(cfg.input) as source, writer as sink:
-        for chunk in _chunks(source, cfg.input, cfg.text_column, cfg.chunk_rows):
+    writer = storage.atomic_write(output_url) if accelerator.is_main_process else contextlib.nullcontext()
+    with storage.open_read(input_url) as source, writer as sink:
+        for chunk in _chunks(source, input_url, cfg.text_column, cfg.chunk_rows):
             # -- check, encode and classify one chunk
             texts = chunk[cfg.text_column]
             empty = np.flatnonzero((texts.str.strip() == "").to_numpy())

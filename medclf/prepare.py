@@ -9,7 +9,7 @@ import io
 import logging
 
 from medclf import data, layout, storage
-from medclf.config import RunSpec
+from medclf.config import RunSpec, required
 from medclf.errors import MedclfError
 
 log = logging.getLogger(__name__)
@@ -18,12 +18,12 @@ COLUMNS = ["text_id", "source_row", data.SPECIALTY, "original_specialty", data.T
 
 
 def run(spec: RunSpec) -> None:
-    cfg, paths = spec.prepare, layout.Run(spec.out)
+    cfg, paths = spec.prepare, layout.Run.of(spec)
     out = paths.prepare
     storage.check_output(out, spec.overwrite)
 
     # -- read and check: nothing is written until every check has passed
-    raw = data.read_table(cfg.input, [data.SPECIALTY, data.TEXT])
+    raw = data.read_table(required(cfg.input, "prepare.input"), [data.SPECIALTY, data.TEXT])
     raw = raw.rename(columns={raw.columns[0]: "source_row"}) if raw.columns[0] in ("", "Unnamed: 0") else raw
     if "source_row" not in raw.columns:
         raw.insert(0, "source_row", [str(i) for i in range(len(raw))])

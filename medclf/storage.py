@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any, Iterator, Optional, cast
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -88,7 +88,7 @@ def _bounded_session() -> type:
     class BoundedSession(AIOHTTPSession):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self._timeout = bounded(self._timeout)
+            self._timeout: aiohttp.ClientTimeout = bounded(self._timeout)
 
         def _get_request_timeout(self, request: Any) -> Any:
             timeout = super()._get_request_timeout(request)
@@ -108,7 +108,7 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         return url_to_fs(url)
     if _s3_options is None:
         configure(None)
-    fs, path = url_to_fs(url, **_s3_options)
+    fs, path = url_to_fs(url, **cast(dict[str, Any], _s3_options))  # set by configure()
     # botocore already tries each request `retries` times; s3fs's own retry loop would multiply that.
     fs.retries = 1
     return fs, path
@@ -243,7 +243,7 @@ def atomic_write(url: str) -> Iterator[IO[bytes]]:
     with reported(url, "cannot write: "):
         upload = _Upload(fs.open(path, "wb"), url)
     try:
-        yield upload
+        yield cast(IO[bytes], upload)  # a file object's methods, delegated
         with reported(url, "upload failed: "):
             upload.file.close()
     except BaseException:

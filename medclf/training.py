@@ -6,6 +6,8 @@ A head on cached features and a fine-tuned classifier (encoder and head) train w
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -16,10 +18,12 @@ from medclf import features, runtime
 from medclf.classifier import Head
 from medclf.errors import MedclfError
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
 
 def fit(
     accelerator: Accelerator,
-    model: nn.Module,
+    model: ModuleT,
     dataset: Dataset,
     *,
     epochs: int,
@@ -27,7 +31,7 @@ def fit(
     lr: float,
     seed: int,
     validation: tuple[torch.Tensor, np.ndarray] | None = None,
-) -> nn.Module:
+) -> ModuleT:
     """Cross-entropy training of `model` on (inputs..., label) batches; returns the unwrapped model.
 
     The head on cached features and the fine-tuned classifier share this loop. `batch_size` is
