@@ -66,7 +66,8 @@ def _features(spec: RunSpec, accelerator, ref: str, where: str, num_classes: int
     """The encoder's (cached) features of the train and validation splits."""
     head_cfg = spec.head
     encoder, tokenizer, where = load_encoder(ref, where)
-    model = Classifier(encoder, Head(encoder.config.hidden_size, num_classes), head_cfg.pooling, frozen=True)
+    head = Head(encoder.config.hidden_size, num_classes)
+    model = Classifier(encoder, head, head_cfg.pooling, frozen=True, window_pooling=head_cfg.window_pooling)
     splits = [train[:2], validation[:2]]
     return features.cached_splits(model, tokenizer, splits, head_cfg, spec.out, accelerator, fingerprint(where))
 
@@ -113,6 +114,9 @@ def statistics(spec: RunSpec, encoders: dict, seeds: list[int], runs: dict, prob
         "seeds": seeds,
         "settings": {
             "max_length": head_cfg.max_length,
+            "stride": head_cfg.stride,
+            "windows": head_cfg.windows,
+            "window_pooling": head_cfg.window_pooling,
             "epochs": head_cfg.epochs,
             "batch_size": head_cfg.batch_size,
             "lr": head_cfg.lr,
@@ -235,7 +239,9 @@ def comparison_markdown(summary: dict) -> str:
         "",
         summary["verdict"],
         "",
-        f"Heads trained with seeds {summary['seeds']} on cached features; max_length {s['max_length']}, "
+        f"Heads trained with seeds {summary['seeds']} on cached features; windows of {s['max_length']} tokens "
+        f"(stride {s.get('stride') or 'max_length - 2'}, at most {s.get('windows') or 'all'}, "
+        f"{s.get('window_pooling', 'mean')} over windows), "
         f"{s['epochs']} epochs, batch {s['batch_size']}, lr {s['lr']}, pooling {s['pooling']}; "
         f"scored on {s['validation_rows']} rows of {s['validation']}.",
         "",

@@ -51,7 +51,7 @@ def run(spec: RunSpec) -> None:
             model,
             tokenizer,
             texts,
-            max_length=info.max_length,
+            windows=info.windowing,
             batch_size=cfg.batch_size,
             accelerator=accelerator,
             cache_dir=paths.features,
@@ -59,7 +59,7 @@ def run(spec: RunSpec) -> None:
             source=data_url,
         )
     else:
-        vectors = features.encode(model, tokenizer, texts, info.max_length, cfg.batch_size, accelerator)
+        vectors = features.encode(model, tokenizer, texts, info.windowing, cfg.batch_size, accelerator)
     with torch.no_grad():
         predicted = model.head(vectors.to(accelerator.device)).argmax(-1).cpu().numpy()
 

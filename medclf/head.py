@@ -50,7 +50,8 @@ def run(spec: RunSpec) -> None:
     encoder, tokenizer, where = load_encoder(ref)
     check_max_length(cfg.max_length, where, ref, "head.max_length")
     runtime.seed_everything(seed)
-    model = Classifier(encoder, Head(encoder.config.hidden_size, len(classes), cfg.dropout), cfg.pooling, cfg.freeze)
+    head = Head(encoder.config.hidden_size, len(classes), cfg.dropout)
+    model = Classifier(encoder, head, cfg.pooling, cfg.freeze, cfg.window_pooling)
     log.info(
         "head-%s: encoder %s, %d classes, %s, seed %d",
         name,
@@ -73,6 +74,9 @@ def run(spec: RunSpec) -> None:
             hidden_size=encoder.config.hidden_size,
             dropout=cfg.dropout,
             frozen=cfg.freeze,
+            stride=cfg.stride,
+            windows=cfg.windows,
+            window_pooling=cfg.window_pooling,
         )
         encoder_saved = None if cfg.freeze else model.encoder
         save(storage.join(out, "model"), head, info, encoder=encoder_saved, tokenizer=tokenizer)
@@ -117,18 +121,19 @@ def _fine_tune(spec: RunSpec, accelerator, model: Classifier, tokenizer, where: 
     """The loop runs through the encoder, every batch, every epoch; returns (head, probabilities, "")."""
     cfg, seed = spec.head, spec.seed if spec.head.seed is None else spec.head.seed
     _, train_df, train_y = train
-    train_ids = tokenizer(train_df[data.TEXT].tolist(), truncation=True, max_length=cfg.max_length)["input_ids"]
+    windows = features.windows_of(cfg)
+    train_windows = features.tokenize_windows(tokenizer, train_df[data.TEXT].tolist(), windows)
     model = fit(
         accelerator,
         model,
-        Notes(train_ids, train_y, tokenizer.pad_token_id),
+        Notes(train_windows, train_y, tokenizer.pad_token_id),
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         seed=seed,
     )
     texts = validation[1][data.TEXT].tolist()
-    vectors = features.encode(model, tokenizer, texts, cfg.max_length, cfg.encode_batch_size, accelerator)
+    vectors = features.encode(model, tokenizer, texts, windows, cfg.encode_batch_size, accelerator)
     return model.head, probabilities(model.head, vectors, accelerator), ""
 
 

@@ -82,20 +82,23 @@ def fit(
 
 
 class Notes(Dataset):
-    """Tokenized notes and labels for fine-tuning; batches padded to their longest note."""
+    """Notes as windows of token ids, and their labels, for fine-tuning. A batch holds every window
+    of its notes (padded to the longest) and the window count per note, which the classifier pools
+    by before its head."""
 
-    def __init__(self, ids: list[list[int]], labels: np.ndarray, pad_id: int):
-        self.ids, self.labels, self.pad_id = ids, labels, pad_id
+    def __init__(self, windows: list[list[list[int]]], labels: np.ndarray, pad_id: int):
+        self.windows, self.labels, self.pad_id = windows, labels, pad_id
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.windows)
 
-    def __getitem__(self, i: int) -> tuple[list[int], int]:
-        return self.ids[i], int(self.labels[i])
+    def __getitem__(self, i: int) -> tuple[list[list[int]], int]:
+        return self.windows[i], int(self.labels[i])
 
-    def collate(self, batch: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        input_ids, mask = features.pad([ids for ids, _ in batch], self.pad_id)
-        return input_ids, mask, torch.tensor([label for _, label in batch])
+    def collate(self, batch: list[tuple[list[list[int]], int]]) -> tuple[torch.Tensor, ...]:
+        input_ids, mask = features.pad([w for windows, _ in batch for w in windows], self.pad_id)
+        counts = torch.tensor([len(windows) for windows, _ in batch])
+        return input_ids, mask, counts, torch.tensor([label for _, label in batch])
 
 
 def probabilities(head: nn.Module, vectors: torch.Tensor, accelerator: Accelerator) -> np.ndarray:
