@@ -6,6 +6,8 @@ A head on cached features and a fine-tuned classifier (encoder and head) train w
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -27,11 +29,16 @@ def fit(
     lr: float,
     seed: int,
     validation: tuple[torch.Tensor, np.ndarray] | None = None,
+    dev: Optional[Callable[[nn.Module], dict]] = None,
+    history: Optional[list] = None,
 ) -> nn.Module:
     """Cross-entropy training of `model` on (inputs..., label) batches; returns the unwrapped model.
 
     The head on cached features and the fine-tuned classifier share this loop. `batch_size` is
-    the global batch: each of N processes takes batch_size / N examples per step.
+    the global batch: each of N processes takes batch_size / N examples per step. `dev` scores
+    the (unwrapped) model after each epoch ({"f1_weighted": ..., ...}); the model returned then
+    has the weights of the epoch with the best dev weighted F1 (the first of equals). Each
+    epoch's log line is appended to `history`.
     """
     world = accelerator.num_processes
     if batch_size % world:
@@ -55,6 +62,7 @@ def fit(
     if accelerator.device.type == "cpu" and isinstance(accelerator.unwrap_model(model), Head):
         torch.set_num_threads(1)
 
+    best: tuple[float, int, dict] | None = None
     for epoch in range(1, epochs + 1):
         model.train()
         total, count = torch.zeros((), device=accelerator.device), 0
@@ -75,10 +83,22 @@ def fit(
             with torch.no_grad():
                 predicted = model(validation[0].to(accelerator.device)).argmax(-1).cpu().numpy()
             scalars["val_acc"] = float((predicted == validation[1]).mean())
+        if dev is not None:
+            scores = dev(accelerator.unwrap_model(model))
+            scalars |= {f"dev_{k}": v for k, v in scores.items()}
+            if best is None or scores["f1_weighted"] > best[0]:
+                state = accelerator.unwrap_model(model).state_dict()
+                best = (scores["f1_weighted"], epoch, {k: v.detach().clone() for k, v in state.items()})
         progress.log(**scalars)
+        if history is not None:
+            history.append(scalars)
+    unwrapped = accelerator.unwrap_model(model)
+    if best is not None:
+        unwrapped.load_state_dict(best[2])
+        progress.log(best_epoch=best[1], dev_f1_weighted=best[0])
     progress.close()
     torch.set_num_threads(threads)
-    return accelerator.unwrap_model(model)
+    return unwrapped
 
 
 class Notes(Dataset):

@@ -265,6 +265,14 @@ CASES = [
     ("head", "not a BERT-family model", [*HEAD, "mlm.model={run}/gpt2"], None, NOT_BERT),
     ("head", "max_length above positions", [*HEAD, "head.max_length=256"], None, r"head\.max_length=256 is above"),
     ("head", "adapted model missing", [*HEAD, "head.encoder=adapted"], None, r"mlm/model has no model yet"),
+    (
+        "head",
+        "dev fraction leaving a class empty",
+        [*HEAD, "head.dev_fraction=0.05"],
+        None,
+        r"head\.dev_fraction=0\.05: the dev part of .*train\.csv has no note of class",
+    ),
+    ("head", "dev fraction of 1", [*HEAD, "head.dev_fraction=1"], None, r"head\.dev_fraction: must be .* below 1"),
     ("head", "window stride 0", [*HEAD, "head.stride=0"], None, r"head\.stride: must be between 1 and .* got 0$"),
     (
         "head",

@@ -277,3 +277,50 @@ def test_windows_round_trip_and_evaluate_and_predict_reproduce_the_heads_probabi
     vectors = features.encode(loaded, tokenizer, texts, classifier.Windows(24, 16, 4), 8, runtime.make_accelerator())
     expected = training.probabilities(loaded.head, vectors, runtime.make_accelerator())
     assert abs(probs - expected).max() < 1e-5
+
+
+# ---------------------------------------------------------------- the dev fold
+
+
+def test_fit_keeps_the_epoch_with_the_best_dev_score():
+    accelerator = runtime.make_accelerator()
+    x, y = torch.randn(40, 8), torch.randint(0, 3, (40,))
+    scripted, snapshots = iter([0.2, 0.6, 0.4, 0.6]), []
+
+    def dev(model):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"f1_weighted": next(scripted), "accuracy": 0.5}
+
+    history: list[dict] = []
+    kept = training.fit(
+        accelerator, Head(8, 3), TensorDataset(x, y), epochs=4, batch_size=8, lr=1e-2, seed=0, dev=dev, history=history
+    )
+    assert [h["dev_f1_weighted"] for h in history] == [0.2, 0.6, 0.4, 0.6]
+    assert not torch.equal(snapshots[1]["layers.0.weight"], snapshots[3]["layers.0.weight"])
+    assert all(torch.equal(v, snapshots[1][k]) for k, v in kept.state_dict().items())  # epoch 2: the first best
+
+
+def test_the_dev_fold_is_carved_from_train_by_note(prepared):
+    classes, train, _ = head.data.read_splits(str(prepared))
+    fit_part, dev = head.carve_dev(train, 0.2, 42, classes)
+    assert not set(fit_part[1]["text_id"]) & set(dev[1]["text_id"])
+    assert len(fit_part[2]) + len(dev[2]) == len(train[2]) and len(fit_part[1]) == len(fit_part[2])
+    assert abs(dev[1]["text_id"].nunique() / train[1]["text_id"].nunique() - 0.2) < 0.01
+    assert head.carve_dev(train, 0.0, 42, classes) == (train, None)
+    assert head.carve_dev(train, 0.2, 42, classes)[1][1].equals(dev[1])  # seeded
+
+
+@pytest.mark.slow
+def test_a_head_with_a_dev_fold_records_each_epoch_and_keeps_the_best(tmp_path, prepared, tiny_bert):
+    small = make_small_run(tmp_path / "run", prepared, train_notes=10**6, validation_notes=10)  # all train notes
+    head.run(head_spec(small, tiny_bert, "epochs=4", "dev_fraction=0.2", "windows=1", "lr=1e-2"))
+    metrics = json.loads((small / "head-pretrained" / "metrics.json").read_text())
+    epochs, dev = metrics["epochs"], metrics["dev"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4] and all("dev_f1_weighted" in e for e in epochs)
+    best = max(epochs, key=lambda e: e["dev_f1_weighted"])
+    assert dev["best_epoch"] == best["epoch"] and dev["f1_weighted"] == best["dev_f1_weighted"]
+    train = pd.read_csv(small / "prepare" / "train.csv")
+    rows = len(train)
+    assert (
+        dev["fit_notes"] + dev["dev_notes"] == train["text_id"].nunique() and dev["fit_rows"] + dev["dev_rows"] == rows
+    )
