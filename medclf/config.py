@@ -153,10 +153,11 @@ class HeadSpec:
         found: list[str] = []
         if _is_number(self.dev_fraction) and not 0 <= self.dev_fraction < 1:
             found.append(f"head.dev_fraction: must be at least 0 and below 1, got {self.dev_fraction}")
-        if _is_number(self.windows) and self.windows < 1:
+        if isinstance(self.windows, int) and _is_number(self.windows) and self.windows < 1:
             found.append(f"head.windows: must be at least 1 (null: all windows), got {self.windows}")
         content = self.max_length - 2 if _is_number(self.max_length) else None
-        if _is_number(self.stride) and content is not None and not 1 <= self.stride <= max(content, 1):
+        stride = self.stride if isinstance(self.stride, int) and _is_number(self.stride) else None
+        if stride is not None and content is not None and not 1 <= stride <= max(content, 1):
             found.append(
                 f"head.stride: must be between 1 and head.max_length - 2 = {content} "
                 f"(null: no overlap), got {self.stride}"
