@@ -1,6 +1,6 @@
 """The classifier: a BERT-family encoder plus the original three-layer head, saved as safetensors + JSON.
 
-    <model>/classifier.json   class names, encoder reference and fingerprint, pooling, max_length, sizes
+    <model>/classifier.json   class names, encoder reference and fingerprint, pooling, windows, sizes
     <model>/head.safetensors  the head's weights
     <model>/encoder/          only for a fine-tuned classifier (freeze=false): its own encoder copy
     <model>/manifest.json     size and SHA-256 of every file above, written last: loading checks them
@@ -53,6 +53,55 @@ class Head(nn.Module):
         return self.layers(features)
 
 
+@dataclass(frozen=True)
+class Windows:
+    """How a note becomes token windows: `max_length` tokens each ([CLS] and [SEP] included), window
+    starts `stride` content tokens apart (None: max_length - 2, no overlap), at most `cap` windows
+    (None: all of them, the whole note; 1: the first max_length tokens, i.e. truncation)."""
+
+    max_length: int
+    stride: Optional[int] = None
+    cap: Optional[int] = None
+
+    def split(self, tokens: list[int], specials: tuple[list[int], list[int]]) -> list[list[int]]:
+        """The windows of one note's content tokens (no special tokens), each wrapped in `specials`
+        (special_tokens' answer: [CLS] before, [SEP] after for BERT)."""
+        prefix, suffix = specials
+        content = self.max_length - len(prefix) - len(suffix)
+        stride = self.stride or content
+        starts = [0]
+        while starts[-1] + content < len(tokens) and (self.cap is None or len(starts) < self.cap):
+            starts.append(starts[-1] + stride)
+        return [prefix + tokens[s : s + content] + suffix for s in starts]
+
+    def tokens_needed(self, specials: tuple[list[int], list[int]]) -> Optional[int]:
+        """Content tokens the capped windows can reach (None: all), so tokenizing stops there."""
+        if self.cap is None:
+            return None
+        content = self.max_length - len(specials[0]) - len(specials[1])
+        return content + (self.cap - 1) * (self.stride or content)
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer puts before and after a single sequence ([CLS] and [SEP] for BERT)."""
+    wrapped = tokenizer("a")["input_ids"]
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for i in range(len(wrapped) - len(bare) + 1):
+        if wrapped[i : i + len(bare)] == bare:
+            return wrapped[:i], wrapped[i + len(bare) :]
+    raise MedclfError(f"{type(tokenizer).__name__}: cannot tell its special tokens from the text's")
+
+
+def pool_windows(vectors: torch.Tensor, counts: list[int], pooling: str) -> torch.Tensor:
+    """Each note's vector from its windows' vectors (rows in note order, `counts` windows per note)."""
+    if all(c == 1 for c in counts):
+        return vectors
+    parts = torch.split(vectors, counts)
+    if pooling == "max":
+        return torch.stack([p.max(0).values for p in parts])
+    return torch.stack([p.mean(0) for p in parts])
+
+
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """The note's vector from the last layer: its [CLS] token, or the mean over real (unpadded) tokens."""
     if pooling == "cls":
@@ -62,11 +111,15 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
 
 
 class Classifier(nn.Module):
-    """Encoder + head on token ids. A frozen encoder stays in eval mode even while the head trains."""
+    """Encoder + head on token ids. A frozen encoder stays in eval mode even while the head trains.
 
-    def __init__(self, encoder: PreTrainedModel, head: Head, pooling: str, frozen: bool):
+    `pooling` makes a window's vector (its [CLS] or token mean), `window_pooling` a note's vector
+    from its windows' vectors (mean or max)."""
+
+    def __init__(self, encoder: PreTrainedModel, head: Head, pooling: str, frozen: bool, window_pooling: str = "mean"):
         super().__init__()
         self.encoder, self.head, self.pooling, self.frozen = encoder, head, pooling, frozen
+        self.window_pooling = window_pooling
         if frozen:
             self.encoder.requires_grad_(False)
 
@@ -81,8 +134,15 @@ class Classifier(nn.Module):
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             return pool(hidden, attention_mask, self.pooling).float()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(input_ids, attention_mask))
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, counts: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Logits per note; `counts` (windows per note, rows in note order) pools windows first, else
+        every row is a note."""
+        vectors = self.features(input_ids, attention_mask)
+        if counts is not None:
+            vectors = pool_windows(vectors, counts.tolist(), self.window_pooling)
+        return self.head(vectors)
 
 
 @dataclass
@@ -98,6 +158,14 @@ class ClassifierInfo:
     dropout: float
     frozen: bool
     format: str = FORMAT
+    # Added with windows; a classifier.json written before them loads as one truncated window.
+    stride: Optional[int] = None
+    windows: Optional[int] = 1
+    window_pooling: str = "mean"
+
+    @property
+    def windowing(self) -> Windows:
+        return Windows(self.max_length, self.stride, self.windows)
 
 
 # ---------------------------------------------------------------- encoders
@@ -201,7 +269,7 @@ def load(url: str, info: Optional[ClassifierInfo] = None) -> tuple[Classifier, o
     info = info or read_info(url)
     ref = storage.join(url, "encoder") if info.encoder == "encoder" else info.encoder
     encoder, tokenizer, where = load_encoder(ref)
-    check_max_length(info.max_length, where, ref, f"{storage.join(url, 'classifier.json')}: max_length")
+    check_max_length(info.max_length, where, ref, f"{storage.join(url, 'classifier.json')}: windows of max_length")
     if info.encoder != "encoder" and fingerprint(where) != info.encoder_fingerprint:
         raise MedclfError(
             f"{url}: its encoder {ref} has changed since the head was trained "
@@ -213,5 +281,6 @@ def load(url: str, info: Optional[ClassifierInfo] = None) -> tuple[Classifier, o
         head.load_state_dict(load_safetensors(storage.read_bytes(url_head)))
     except (RuntimeError, ValueError) as e:
         raise MedclfError(f"{url_head}: does not fit the head in classifier.json ({str(e).splitlines()[0]})") from None
-    model = Classifier(encoder, head, info.pooling, frozen=True)  # inference only: never trains again
+    # inference only: never trains again
+    model = Classifier(encoder, head, info.pooling, frozen=True, window_pooling=info.window_pooling)
     return model.eval(), tokenizer, info

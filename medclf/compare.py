@@ -7,6 +7,10 @@ compare.seeds seeds on the cached features and scored on the same validation spl
 <out>/comparison.md and <out>/comparison.json: mean ± sd of every metric, a paired bootstrap
 95% interval of the weighted-F1 difference (rows resampled, the same rows for both encoders),
 McNemar's test on the seed-averaged predictions, and one sentence saying whether adaptation helped.
+
+The TF-IDF baseline (medclf/baseline.py) is fitted on the same training rows and scored on the
+same validation rows: a row of the table (`metrics.baseline` in the JSON), and the verdict says
+whether each encoder's head beats it, with the same interval and test against it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from scipy import stats
 from torch.utils.data import TensorDataset
 
-from medclf import data, features, layout, models, report, runtime, storage
+from medclf import baseline, data, features, layout, models, report, runtime, storage
 from medclf.classifier import Classifier, Head, check_max_length, encoder_reference, fingerprint, load_encoder
 from medclf.config import RunSpec, required
 from medclf.training import fit, probabilities
@@ -55,6 +59,9 @@ def run(spec: RunSpec) -> None:
             log.info("%s seed %d: f1_weighted %.4f", keyword, seed, runs[keyword][-1]["f1_weighted"])
 
     summary = statistics(spec, dict(zip(cfg.encoders, refs, strict=True)), seeds, runs, probs, validation)
+    floor = baseline.fit_predict(train[1][data.TEXT].tolist(), train[2], validation[1][data.TEXT].tolist())
+    scores = report.metrics(classes, validation[2], floor, label_sets)
+    against_baseline(spec, summary, runs, probs, validation[2], floor, scores)
     if accelerator.is_main_process:
         storage.write_json(paths.comparison_json, summary)
         storage.write_text(paths.comparison_md, comparison_markdown(summary))
@@ -66,7 +73,8 @@ def _features(spec: RunSpec, accelerator, ref: str, where: str, num_classes: int
     """The encoder's (cached) features of the train and validation splits."""
     head_cfg, out = spec.head, required(spec.out, "out")
     encoder, tokenizer, where = load_encoder(ref, where)
-    model = Classifier(encoder, Head(encoder.config.hidden_size, num_classes), head_cfg.pooling, frozen=True)
+    head = Head(encoder.config.hidden_size, num_classes)
+    model = Classifier(encoder, head, head_cfg.pooling, frozen=True, window_pooling=head_cfg.window_pooling)
     splits = [train[:2], validation[:2]]
     return features.cached_splits(model, tokenizer, splits, head_cfg, out, accelerator, fingerprint(where))
 
@@ -113,6 +121,9 @@ def statistics(spec: RunSpec, encoders: dict, seeds: list[int], runs: dict, prob
         "seeds": seeds,
         "settings": {
             "max_length": head_cfg.max_length,
+            "stride": head_cfg.stride,
+            "windows": head_cfg.windows,
+            "window_pooling": head_cfg.window_pooling,
             "epochs": head_cfg.epochs,
             "batch_size": head_cfg.batch_size,
             "lr": head_cfg.lr,
@@ -127,6 +138,32 @@ def statistics(spec: RunSpec, encoders: dict, seeds: list[int], runs: dict, prob
     }
     summary["verdict"] = verdict(base, cand, summary)
     return summary
+
+
+def against_baseline(spec: RunSpec, summary: dict, runs: dict, probs: dict, y, predicted, scores: dict) -> None:
+    """Add the baseline's metrics, each encoder's head against it (paired bootstrap interval of the
+    weighted-F1 difference, McNemar on the seed-averaged predictions) and a verdict sentence each."""
+    summary["metrics"][baseline.NAME] = {m: summarize([scores[m]]) for m in report.HEADLINE}
+    summary["baseline"] = {"model": baseline.DESCRIPTION, "tuned_on_validation": False}
+    summary["against_baseline"] = {}
+    sentences = []
+    for name, per_seed in runs.items():
+        low, high, observed = paired_bootstrap_f1(
+            y, [predicted], [r["predicted"] for r in per_seed], probs[name].shape[1], spec.compare.bootstrap, spec.seed
+        )
+        test = mcnemar(predicted == y, probs[name].argmax(1) == y)
+        summary["against_baseline"][name] = {
+            "f1_weighted_difference": {"observed": observed, "ci95": [low, high], "resamples": spec.compare.bootstrap},
+            "mcnemar_seed_averaged": test,
+        }
+        beats = low > 0 and test["p_exact"] < 0.05
+        below = high < 0 and test["p_exact"] < 0.05
+        word = "beats" if beats else "is below" if below else "does not clearly beat"
+        sentences.append(
+            f"{name}'s head {word} the TF-IDF baseline (weighted F1 difference {observed:+.3f}, "
+            f"95% CI {low:+.3f} to {high:+.3f}; McNemar p = {test['p_exact']:.3g})"
+        )
+    summary["verdict"] += " Against the baseline: " + "; ".join(sentences) + "."
 
 
 def summarize(values: list[float]) -> dict:
@@ -229,21 +266,24 @@ def verdict(base: str, cand: str, summary: dict) -> str:
 
 def comparison_markdown(summary: dict) -> str:
     names = list(summary["encoders"])
+    columns = names + [baseline.NAME] * (baseline.NAME in summary["metrics"])
     s = summary["settings"]
     lines = [
         "# Comparison: " + " vs ".join(names),
         "",
         summary["verdict"],
         "",
-        f"Heads trained with seeds {summary['seeds']} on cached features; max_length {s['max_length']}, "
+        f"Heads trained with seeds {summary['seeds']} on cached features; windows of {s['max_length']} tokens "
+        f"(stride {s.get('stride') or 'max_length - 2'}, at most {s.get('windows') or 'all'}, "
+        f"{s.get('window_pooling', 'mean')} over windows), "
         f"{s['epochs']} epochs, batch {s['batch_size']}, lr {s['lr']}, pooling {s['pooling']}; "
         f"scored on {s['validation_rows']} rows of {s['validation']}.",
         "",
-        "| metric | " + " | ".join(names) + " |",
-        "|---" * (len(names) + 1) + "|",
+        "| metric | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
     ]
     for m in report.HEADLINE:
-        cells = [f"{summary['metrics'][k][m]['mean']:.4f} ± {summary['metrics'][k][m]['sd']:.4f}" for k in names]
+        cells = [_cell(summary["metrics"][k][m]) for k in columns]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     diff, test = summary["f1_weighted_difference"], summary["mcnemar_seed_averaged"]
     lines += [
@@ -257,4 +297,27 @@ def comparison_markdown(summary: dict) -> str:
         f"chi-square (continuity-corrected) {test['chi2']:.3f}, p = {test['p_chi2']:.4g}.",
         "- McNemar exact p per seed pair: " + ", ".join(f"{p:.3g}" for p in summary["mcnemar_per_seed_p_exact"]) + ".",
     ]
+    lines += _baseline_lines(summary)
     return "\n".join(lines) + "\n"
+
+
+def _cell(values: dict) -> str:
+    """mean ± sd; a single value (the baseline: deterministic, fitted once) as itself."""
+    if len(values["values"]) == 1:
+        return f"{values['mean']:.4f}"
+    return f"{values['mean']:.4f} ± {values['sd']:.4f}"
+
+
+def _baseline_lines(summary: dict) -> list[str]:
+    if "against_baseline" not in summary:
+        return []
+    lines = ["", f"Baseline: {summary['baseline']['model']}, fitted on the same training rows, not tuned.", ""]
+    for name, against in summary["against_baseline"].items():
+        diff, test = against["f1_weighted_difference"], against["mcnemar_seed_averaged"]
+        lines.append(
+            f"- {name} − baseline, weighted F1: {diff['observed']:+.4f}, paired bootstrap 95% CI "
+            f"[{diff['ci95'][0]:+.4f}, {diff['ci95'][1]:+.4f}]; McNemar (seed-averaged {name} vs baseline): "
+            f"only baseline right {test['baseline_only_correct']}, only {name} right "
+            f"{test['candidate_only_correct']}, exact p = {test['p_exact']:.4g}."
+        )
+    return lines

@@ -132,13 +132,38 @@ class HeadSpec:
     validation: Optional[str] = opt(None, "validation CSV URL; default <out>/prepare/validation.csv")
     pooling: Literal["cls", "mean"] = opt("cls", "sentence vector: [CLS] of the last layer, or the token mean")
     freeze: bool = opt(True, "frozen encoder (features cached once); false fine-tunes everything")
-    max_length: int = opt(512, "tokens per note (longer notes are truncated)")
+    max_length: int = opt(512, "tokens per window, [CLS] and [SEP] included")
+    stride: Optional[int] = opt(
+        None, "content tokens between window starts, 1 .. max_length - 2; null: max_length - 2 (no overlap)"
+    )
+    windows: Optional[int] = opt(None, "windows per note at most; null: all (the whole note); 1: truncation")
+    window_pooling: Literal["mean", "max"] = opt("mean", "a note's vector from its windows' vectors")
     batch_size: int = opt(24, "global training batch")
-    encode_batch_size: int = opt(32, "notes per forward pass when encoding")
+    encode_batch_size: int = opt(32, "windows per forward pass when encoding")
     epochs: int = opt(8, "training epochs")
     lr: float = opt(1e-3, "learning rate (AdamW); fine-tuning wants about 2e-5")
     dropout: float = opt(0.2, "dropout between head layers")
     seed: Optional[int] = opt(None, "seed for this head; default the run seed")
+    dev_fraction: float = opt(
+        0.0,
+        "share of training notes held out as a grouped dev fold: the head trains on the rest, is scored "
+        "on it each epoch and keeps its best epoch (weighted F1); 0: off, train on all and keep the last",
+    )
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        if _is_number(self.dev_fraction) and not 0 <= self.dev_fraction < 1:
+            found.append(f"head.dev_fraction: must be at least 0 and below 1, got {self.dev_fraction}")
+        if isinstance(self.windows, int) and _is_number(self.windows) and self.windows < 1:
+            found.append(f"head.windows: must be at least 1 (null: all windows), got {self.windows}")
+        content = self.max_length - 2 if _is_number(self.max_length) else None
+        stride = self.stride if isinstance(self.stride, int) and _is_number(self.stride) else None
+        if stride is not None and content is not None and not 1 <= stride <= max(content, 1):
+            found.append(
+                f"head.stride: must be between 1 and head.max_length - 2 = {content} "
+                f"(null: no overlap), got {self.stride}"
+            )
+        return found
 
 
 @dataclass

@@ -7,6 +7,11 @@ Writes <out>/evaluate/<name>/{metrics.json, report.md, confusion.png} (medclf/re
 original's metrics plus macro F1, per-class figures, the confusion matrix and any-label accuracy,
 which counts a prediction as right when it is any of the note's specialties). A head's own
 report lies in <out>/head-<name>/.
+
+    medclf evaluate jobs/mtsamples.yaml --model baseline
+
+scores the TF-IDF baseline (medclf/baseline.py), fitted on the prepared training split (or
+head.train), on the same data: the floor a classifier should beat on this data.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import logging
 
 import torch
 
-from medclf import classifier, data, features, layout, report, runtime, storage
+from medclf import baseline, classifier, data, features, layout, report, runtime, storage
 from medclf.config import RunSpec
 from medclf.errors import MedclfError
 
@@ -23,6 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def run(spec: RunSpec) -> None:
+    if spec.evaluate.model == baseline.NAME:
+        return run_baseline(spec)
     cfg = spec.evaluate
     paths = layout.Run.of(spec)
     by_name = "/" not in cfg.model and "://" not in cfg.model
@@ -51,7 +58,7 @@ def run(spec: RunSpec) -> None:
             model,
             tokenizer,
             texts,
-            max_length=info.max_length,
+            windows=info.windowing,
             batch_size=cfg.batch_size,
             accelerator=accelerator,
             cache_dir=paths.features,
@@ -59,7 +66,7 @@ def run(spec: RunSpec) -> None:
             source=data_url,
         )
     else:
-        vectors = features.encode(model, tokenizer, texts, info.max_length, cfg.batch_size, accelerator)
+        vectors = features.encode(model, tokenizer, texts, info.windowing, cfg.batch_size, accelerator)
     with torch.no_grad():
         predicted = model.head(vectors.to(accelerator.device)).argmax(-1).cpu().numpy()
 
@@ -74,3 +81,25 @@ def run(spec: RunSpec) -> None:
             about={"model": model_url, "data": data_url},
         )
     accelerator.wait_for_everyone()
+
+
+def run_baseline(spec: RunSpec) -> None:
+    """The TF-IDF baseline fitted on the training split, scored on evaluate.data (default: validation)."""
+    paths = layout.Run.of(spec)
+    out = paths.evaluation(baseline.NAME)
+    storage.check_output(out, spec.overwrite)
+    data_url = spec.evaluate.data or paths.prepared_validation
+    classes = data.read_labels(paths.labels)
+    train_url = spec.head.train or paths.prepared_train
+    train_df, train_y = data.read_labeled(train_url, classes)
+    df, y = data.read_labeled(data_url, classes)
+    predicted = baseline.fit_predict(train_df[data.TEXT].tolist(), train_y, df[data.TEXT].tolist())
+    report.write_report(
+        out,
+        f"baseline ({baseline.DESCRIPTION}) on {data_url}",
+        classes,
+        y,
+        predicted,
+        report.note_labels(paths.out, df),
+        about={"model": baseline.DESCRIPTION, "train": train_url, "data": data_url},
+    )

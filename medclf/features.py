@@ -6,9 +6,14 @@ member, the work dealt across processes and gathered) and keeps the result under
 
     <out>/features/<key>.safetensors
 
-where the key covers the encoder's content fingerprint, the texts, max_length and pooling:
-another head, seed or the compare job on the same data reads the file instead of encoding.
-Evaluate and predict use the same `encode`, so every path sees the same vectors.
+where the key covers everything the vectors depend on (the encoder's content fingerprint and
+precision, the texts, the windows and both poolings): another head, seed or the compare job on
+the same data reads the file instead of encoding. Evaluate and predict use the same `encode`, so
+every path sees the same vectors.
+
+A note longer than one window is encoded as several (classifier.Windows); the windows of all
+notes are batched together, longest first, and each note's window vectors are pooled back into
+one vector (mean or max) in order.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from typing import Optional, Sequence, cast
+from typing import Optional, Sequence, Union, cast
 
 import numpy as np
 import pandas as pd
@@ -26,7 +31,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from medclf import data, layout, storage
-from medclf.classifier import Classifier
+from medclf.classifier import Classifier, Windows, pool_windows, special_tokens
 from medclf.config import HeadSpec
 from medclf.errors import MedclfError
 
@@ -52,12 +57,38 @@ def pad(ids: list[list[int]], pad_id: int, pad_to: Optional[int] = None) -> tupl
     return input_ids, mask
 
 
+def windows_of(settings: HeadSpec) -> Windows:
+    return Windows(settings.max_length, settings.stride, settings.windows)
+
+
+def tokenize_windows(tokenizer, texts: Sequence[str], windows: Windows) -> list[list[list[int]]]:
+    """Each text's windows of token ids, tokenized a slice at a time (ids only: a fast tokenizer
+    holds every token's offsets until its output is freed, ~90 MB per 1,000 notes)."""
+    from transformers.utils import logging as hf_logging
+
+    specials = special_tokens(tokenizer)
+    needed = windows.tokens_needed(specials)
+    limit = {"truncation": True, "max_length": needed} if needed is not None else {"truncation": False}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "longer than the model's maximum": the windows take care of that
+    try:
+        return [
+            windows.split(tokens, specials)
+            for begin in range(0, len(texts), TOKENIZE_SLICE)
+            for tokens in tokenizer(list(texts[begin : begin + TOKENIZE_SLICE]), add_special_tokens=False, **limit)[
+                "input_ids"
+            ]
+        ]
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 @torch.inference_mode()
 def encode(
     model: Classifier,
     tokenizer,
     texts: Sequence[str],
-    max_length: int,
+    windows: Union[Windows, int],
     batch_size: int,
     accelerator: Accelerator,
     sort_by_length: bool = True,
@@ -67,42 +98,20 @@ def encode(
 
     Copies of a text are encoded once. Distinct texts are ordered by length and dealt round-robin
     to the ranks, so every rank gets a similar share of long and short notes; the results are
-    gathered with their positions and put back in input order. `sort_by_length=False` and
-    `pad_to` reproduce the original's fixed padding (for the benchmarks).
+    gathered with their positions and put back in input order. `windows` as a number is
+    max_length with one window per note (truncation). `sort_by_length=False` and `pad_to`
+    reproduce the original's fixed padding (for the benchmarks).
     """
+    windows = windows if isinstance(windows, Windows) else Windows(windows, cap=1)
     codes, distinct = pd.factorize(pd.Series(list(texts), dtype=object))
     rank, world = accelerator.process_index, accelerator.num_processes
     by_chars = np.argsort(-distinct.str.len().to_numpy(), kind="stable") if sort_by_length else np.arange(len(distinct))
     mine = by_chars[rank::world]
-    # Tokenized a slice at a time, keeping only the ids: a fast tokenizer holds every token of a
-    # long note (offsets, the truncated overflow) until its output is freed, ~90 MB per 1,000 notes.
-    texts_mine = list(distinct[mine])
-    ids = [
-        x
-        for begin in range(0, len(texts_mine), TOKENIZE_SLICE)
-        for x in tokenizer(texts_mine[begin : begin + TOKENIZE_SLICE], truncation=True, max_length=max_length)[
-            "input_ids"
-        ]
-    ]
-    batches = (
-        length_sorted_batches([len(x) for x in ids], batch_size)
-        if sort_by_length
-        else [np.arange(i, min(i + batch_size, len(ids))) for i in range(0, len(ids), batch_size)]
-    )
-
-    # -- encode this rank's share, batch by batch (eval mode: no dropout, no gradients)
-    model.to(accelerator.device).eval()
-    hidden = cast(torch.nn.Linear, model.head.layers[0]).in_features
-    started, tokens = time.perf_counter(), 0
-    out = torch.zeros((len(mine), hidden), dtype=torch.float32)
-    for batch in batches:
-        input_ids, mask = pad([ids[i] for i in batch], tokenizer.pad_token_id, pad_to)
-        with accelerator.autocast():
-            vectors = model.features(input_ids.to(accelerator.device), mask.to(accelerator.device))
-        out[torch.as_tensor(batch)] = vectors.float().cpu()
-        tokens += int(mask.sum())
+    per_note = tokenize_windows(tokenizer, list(distinct[mine]), windows)
+    out = _encode_windows(model, tokenizer, per_note, batch_size, accelerator, sort_by_length, pad_to)
 
     # -- gather: equal-length pieces (padded with position -1), then back to input order
+    hidden = out.shape[1]
     share = -(-len(distinct) // world)
     positions = torch.full((share,), -1, dtype=torch.long)
     positions[: len(mine)] = torch.as_tensor(mine, dtype=torch.long)
@@ -114,21 +123,69 @@ def encode(
     everything = torch.zeros((len(distinct), hidden), dtype=torch.float32)
     found = positions >= 0
     everything[positions[found]] = vectors[found]
-    seconds = time.perf_counter() - started
-    log.info(
-        "encoded %d distinct texts (%d rows) in %.1f s on %d process(es); rank %d: %.0f tokens/s",
-        len(distinct),
-        len(texts),
-        seconds,
-        world,
-        rank,
-        tokens / max(seconds, 1e-9),
-    )
     return everything[torch.as_tensor(codes, dtype=torch.long)]
 
 
-def cache_key(encoder_fingerprint: str, texts: Sequence[str], max_length: int, pooling: str) -> str:
-    digest = hashlib.sha256(f"{encoder_fingerprint}\0{max_length}\0{pooling}\0".encode())
+def _encode_windows(
+    model: Classifier,
+    tokenizer,
+    per_note: list[list[list[int]]],
+    batch_size: int,
+    accelerator: Accelerator,
+    sort_by_length: bool,
+    pad_to: Optional[int],
+) -> torch.Tensor:
+    """One vector per note [notes, hidden]: all windows batched (longest first), then pooled per note."""
+    flat = [w for note in per_note for w in note]
+    batches = (
+        length_sorted_batches([len(x) for x in flat], batch_size)
+        if sort_by_length
+        else [np.arange(i, min(i + batch_size, len(flat))) for i in range(0, len(flat), batch_size)]
+    )
+    # -- encode window by window batch (eval mode: no dropout, no gradients)
+    model.to(accelerator.device).eval()
+    hidden = cast(torch.nn.Linear, model.head.layers[0]).in_features
+    started, tokens = time.perf_counter(), 0
+    out = torch.zeros((len(flat), hidden), dtype=torch.float32)
+    for batch in batches:
+        input_ids, mask = pad([flat[i] for i in batch], tokenizer.pad_token_id, pad_to)
+        with accelerator.autocast():
+            vectors = model.features(input_ids.to(accelerator.device), mask.to(accelerator.device))
+        out[torch.as_tensor(batch)] = vectors.float().cpu()
+        tokens += int(mask.sum())
+    seconds = time.perf_counter() - started
+    log.info(
+        "encoded %d notes as %d windows in %.1f s on process %d of %d: %.0f tokens/s",
+        len(per_note),
+        len(flat),
+        seconds,
+        accelerator.process_index,
+        accelerator.num_processes,
+        tokens / max(seconds, 1e-9),
+    )
+    if not per_note:
+        return torch.zeros((0, hidden), dtype=torch.float32)
+    return pool_windows(out, [len(note) for note in per_note], model.window_pooling)
+
+
+CACHE_FORMAT = "windows/1"  # bump when the way vectors are computed changes
+
+
+def cache_key(model: Classifier, accelerator: Accelerator, encoder_fingerprint: str, texts, windows: Windows) -> str:
+    """Everything the vectors depend on: encoder content and precision, windows, poolings, texts."""
+    dtype = next(model.encoder.parameters()).dtype
+    about = [
+        CACHE_FORMAT,
+        encoder_fingerprint,
+        str(dtype),
+        str(accelerator.mixed_precision),
+        str(windows.max_length),
+        str(windows.stride),
+        str(windows.cap),
+        model.pooling,
+        model.window_pooling,
+    ]
+    digest = hashlib.sha256("\0".join(about).encode() + b"\0")
     for text in texts:
         digest.update(text.encode("utf-8") + b"\0")
     return digest.hexdigest()[:24]
@@ -139,15 +196,15 @@ def cached_encode(
     tokenizer,
     texts: Sequence[str],
     *,
-    max_length: int,
+    windows: Windows,
     batch_size: int,
     accelerator: Accelerator,
     cache_dir: str,
     encoder_fingerprint: str,
     source: str,
 ) -> torch.Tensor:
-    """`encode`, read from `cache_dir` when this encoder, data, max_length and pooling were seen before."""
-    key = cache_key(encoder_fingerprint, texts, max_length, model.pooling)
+    """`encode`, read from `cache_dir` when these texts were encoded with the same settings before."""
+    key = cache_key(model, accelerator, encoder_fingerprint, texts, windows)
     url = storage.join(cache_dir, f"{key}.safetensors")
     if storage.exists(url):
         vectors = load_safetensors(storage.read_bytes(url)).get("features")
@@ -155,13 +212,16 @@ def cached_encode(
             raise MedclfError(f"{url}: cached features do not match {source} ({len(texts)} rows); delete the file")
         log.info("features of %s read from %s", source, url)
         return vectors
-    vectors = encode(model, tokenizer, texts, max_length, batch_size, accelerator)
+    vectors = encode(model, tokenizer, texts, windows, batch_size, accelerator)
     if accelerator.is_main_process:
         metadata = {
             "source": source,
             "encoder_fingerprint": encoder_fingerprint,
-            "max_length": str(max_length),
+            "max_length": str(windows.max_length),
+            "stride": str(windows.stride),
+            "windows": str(windows.cap),
             "pooling": model.pooling,
+            "window_pooling": model.window_pooling,
             "rows": str(len(texts)),
         }
         storage.write_bytes(url, save_safetensors({"features": vectors.contiguous()}, metadata=metadata))
@@ -185,7 +245,7 @@ def cached_splits(
             model,
             tokenizer,
             df[data.TEXT].tolist(),
-            max_length=settings.max_length,
+            windows=windows_of(settings),
             batch_size=settings.encode_batch_size,
             accelerator=accelerator,
             cache_dir=layout.Run(out).features,

@@ -14,7 +14,9 @@ import logging
 import os
 import re
 
+import numpy as np
 import torch
+from sklearn.metrics import f1_score
 from torch.utils.data import TensorDataset
 
 from medclf import config, data, features, layout, report, runtime, storage
@@ -29,6 +31,7 @@ from medclf.classifier import (
     save,
 )
 from medclf.config import RunSpec
+from medclf.errors import MedclfError
 from medclf.training import Notes, fit, probabilities
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,7 @@ def run(spec: RunSpec) -> None:
     # -- data: the prepared splits and their classes; every check before any model work
     classes, train, validation = data.read_splits(paths.out, cfg.train, cfg.validation)
     seed = spec.seed if cfg.seed is None else cfg.seed
+    train, dev = carve_dev(train, cfg.dev_fraction, seed, classes)
 
     # -- encoder and classifier (the head is seeded after the encoder: loading may draw random numbers)
     accelerator = runtime.make_accelerator()
@@ -50,7 +54,8 @@ def run(spec: RunSpec) -> None:
     encoder, tokenizer, where = load_encoder(ref)
     check_max_length(cfg.max_length, where, ref, "head.max_length")
     runtime.seed_everything(seed)
-    model = Classifier(encoder, Head(encoder.config.hidden_size, len(classes), cfg.dropout), cfg.pooling, cfg.freeze)
+    head = Head(encoder.config.hidden_size, len(classes), cfg.dropout)
+    model = Classifier(encoder, head, cfg.pooling, cfg.freeze, cfg.window_pooling)
     log.info(
         "head-%s: encoder %s, %d classes, %s, seed %d",
         name,
@@ -60,7 +65,10 @@ def run(spec: RunSpec) -> None:
         seed,
     )
     train_and_score = _train_frozen if cfg.freeze else _fine_tune
-    head, probs, encoder_fingerprint = train_and_score(spec, accelerator, model, tokenizer, where, train, validation)
+    history: list[dict] = []
+    head, probs, encoder_fingerprint = train_and_score(
+        spec, accelerator, model, tokenizer, where, train, validation, dev, history
+    )
 
     # -- save the classifier (main process), then its report on the validation split
     if accelerator.is_main_process:
@@ -73,6 +81,9 @@ def run(spec: RunSpec) -> None:
             hidden_size=encoder.config.hidden_size,
             dropout=cfg.dropout,
             frozen=cfg.freeze,
+            stride=cfg.stride,
+            windows=cfg.windows,
+            window_pooling=cfg.window_pooling,
         )
         encoder_saved = None if cfg.freeze else model.encoder
         save(storage.join(out, "model"), head, info, encoder=encoder_saved, tokenizer=tokenizer)
@@ -85,21 +96,30 @@ def run(spec: RunSpec) -> None:
             validation_y,
             probs.argmax(1),
             report.note_labels(paths.out, validation_df),
-            about={"encoder": ref, "seed": seed, "freeze": cfg.freeze},
+            about={"encoder": ref, "seed": seed, "freeze": cfg.freeze, **dev_about(cfg, train, dev, history)},
         )
     accelerator.wait_for_everyone()
 
 
-def _train_frozen(spec: RunSpec, accelerator, model: Classifier, tokenizer, where: str, train, validation):
-    """Encode every distinct text once (cached), then train the head on the vectors.
+def _train_frozen(
+    spec: RunSpec, accelerator, model: Classifier, tokenizer, where: str, train, validation, dev, history: list
+):
+    """Encode every distinct text once (cached), then train the head on the vectors (the best epoch
+    on the dev fold kept, when there is one).
 
     Returns (head, validation probabilities, the encoder's fingerprint)."""
     cfg, seed = spec.head, spec.seed if spec.head.seed is None else spec.head.seed
     encoder_fingerprint = fingerprint(where)
-    splits = [train[:2], validation[:2]]
-    train_x, validation_x = features.cached_splits(
+    splits = [train[:2], validation[:2]] + ([dev[:2]] if dev is not None else [])
+    train_x, validation_x, *dev_x = features.cached_splits(
         model, tokenizer, splits, cfg, config.required(spec.out, "out"), accelerator, encoder_fingerprint
     )
+    score = None
+    if dev is not None:
+
+        def score(head):
+            return dev_scores(dev[2], probabilities(head, dev_x[0], accelerator).argmax(1))
+
     head = fit(
         accelerator,
         model.head,
@@ -108,28 +128,91 @@ def _train_frozen(spec: RunSpec, accelerator, model: Classifier, tokenizer, wher
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         seed=seed,
-        validation=(validation_x, validation[2]),
+        dev=score,
+        history=history,
     )
     return head, probabilities(head, validation_x, accelerator), encoder_fingerprint
 
 
-def _fine_tune(spec: RunSpec, accelerator, model: Classifier, tokenizer, where: str, train, validation):
+def _fine_tune(
+    spec: RunSpec, accelerator, model: Classifier, tokenizer, where: str, train, validation, dev, history: list
+):
     """The loop runs through the encoder, every batch, every epoch; returns (head, probabilities, "")."""
     cfg, seed = spec.head, spec.seed if spec.head.seed is None else spec.head.seed
     _, train_df, train_y = train
-    train_ids = tokenizer(train_df[data.TEXT].tolist(), truncation=True, max_length=cfg.max_length)["input_ids"]
+    windows = features.windows_of(cfg)
+    train_windows = features.tokenize_windows(tokenizer, train_df[data.TEXT].tolist(), windows)
+
+    def vectors(trained: Classifier, df) -> torch.Tensor:
+        return features.encode(trained, tokenizer, df[data.TEXT].tolist(), windows, cfg.encode_batch_size, accelerator)
+
+    def score(trained: Classifier) -> dict:
+        return dev_scores(dev[2], probabilities(trained.head, vectors(trained, dev[1]), accelerator).argmax(1))
+
     model = fit(
         accelerator,
         model,
-        Notes(train_ids, train_y, tokenizer.pad_token_id),
+        Notes(train_windows, train_y, tokenizer.pad_token_id),
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         seed=seed,
+        dev=score if dev is not None else None,
+        history=history,
     )
-    texts = validation[1][data.TEXT].tolist()
-    vectors = features.encode(model, tokenizer, texts, cfg.max_length, cfg.encode_batch_size, accelerator)
-    return model.head, probabilities(model.head, vectors, accelerator), ""
+    return model.head, probabilities(model.head, vectors(model, validation[1]), accelerator), ""
+
+
+# ---------------------------------------------------------------- the dev fold
+
+
+def carve_dev(train, fraction: float, seed: int, classes: list[str]):
+    """(train minus dev, dev) as (url, frame, labels) each: a grouped, seeded dev fold of `fraction`
+    of the training notes (no note on both sides), or (train, None) when fraction is 0."""
+    if not fraction:
+        return train, None
+    url, df, y = train
+    if "text_id" not in df.columns:
+        df = df.assign(text_id=df[data.TEXT].map(data.text_id))
+    _, held = data.split_grouped(df, fraction, seed)
+    in_dev = df["text_id"].isin(set(held["text_id"])).to_numpy()
+    for side, rows in (("fit", ~in_dev), ("dev", in_dev)):
+        missing = [c for i, c in enumerate(classes) if not (y[rows] == i).any()]
+        if missing:
+            raise MedclfError(
+                f"head.dev_fraction={fraction}: the {side} part of {url} has no note of class {missing[0]}; "
+                "choose another fraction (or 0: no dev fold)"
+            )
+    return (url, df[~in_dev], y[~in_dev]), (f"{url} (dev fold)", df[in_dev], y[in_dev])
+
+
+def dev_scores(y: np.ndarray, predicted: np.ndarray) -> dict:
+    labels = sorted(set(y.tolist()) | set(predicted.tolist()))
+    return {
+        "accuracy": float((predicted == y).mean()),
+        "f1_weighted": float(f1_score(y, predicted, labels=labels, average="weighted", zero_division=0)),
+        "f1_macro": float(f1_score(y, predicted, labels=labels, average="macro", zero_division=0)),
+    }
+
+
+def dev_about(cfg, train, dev, history: list[dict]) -> dict:
+    """metrics.json's record of training: each epoch's loss (and dev scores), the epoch kept."""
+    if dev is None:
+        return {"epochs": history, "dev": None}
+    best = max(history, key=lambda h: h["dev_f1_weighted"])  # the first of equals, as fit keeps it
+    return {
+        "epochs": history,
+        "dev": {
+            "fraction": cfg.dev_fraction,
+            "fit_rows": len(train[2]),
+            "dev_rows": len(dev[2]),
+            "fit_notes": int(train[1]["text_id"].nunique()),
+            "dev_notes": int(dev[1]["text_id"].nunique()),
+            "best_epoch": best["epoch"],
+            "f1_weighted": best["dev_f1_weighted"],
+            "accuracy": best["dev_accuracy"],
+        },
+    }
 
 
 # ---------------------------------------------------------------- output names

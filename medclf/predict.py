@@ -47,7 +47,7 @@ def run(spec: RunSpec) -> None:
             empty = np.flatnonzero((texts.str.strip() == "").to_numpy())
             if len(empty):
                 raise MedclfError(f"{cfg.input}: row {rows + int(empty[0]) + 1}: empty {cfg.text_column}")
-            vectors = features.encode(model, tokenizer, texts.tolist(), info.max_length, cfg.batch_size, accelerator)
+            vectors = features.encode(model, tokenizer, texts.tolist(), info.windowing, cfg.batch_size, accelerator)
             with torch.no_grad():
                 probs = torch.softmax(model.head(vectors.to(accelerator.device)).float(), -1).cpu().numpy()
 

@@ -6,7 +6,7 @@ A head on cached features and a fine-tuned classifier (encoder and head) train w
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Callable, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -31,11 +31,16 @@ def fit(
     lr: float,
     seed: int,
     validation: tuple[torch.Tensor, np.ndarray] | None = None,
+    dev: Optional[Callable[[ModuleT], dict]] = None,
+    history: Optional[list] = None,
 ) -> ModuleT:
     """Cross-entropy training of `model` on (inputs..., label) batches; returns the unwrapped model.
 
     The head on cached features and the fine-tuned classifier share this loop. `batch_size` is
-    the global batch: each of N processes takes batch_size / N examples per step.
+    the global batch: each of N processes takes batch_size / N examples per step. `dev` scores
+    the (unwrapped) model after each epoch ({"f1_weighted": ..., ...}); the model returned then
+    has the weights of the epoch with the best dev weighted F1 (the first of equals). Each
+    epoch's log line is appended to `history`.
     """
     world = accelerator.num_processes
     if batch_size % world:
@@ -59,6 +64,7 @@ def fit(
     if accelerator.device.type == "cpu" and isinstance(accelerator.unwrap_model(model), Head):
         torch.set_num_threads(1)
 
+    best: tuple[float, int, dict] | None = None
     for epoch in range(1, epochs + 1):
         model.train()
         total, count = torch.zeros((), device=accelerator.device), 0
@@ -79,27 +85,42 @@ def fit(
             with torch.no_grad():
                 predicted = model(validation[0].to(accelerator.device)).argmax(-1).cpu().numpy()
             scalars["val_acc"] = float((predicted == validation[1]).mean())
+        if dev is not None:
+            scores = dev(accelerator.unwrap_model(model))
+            scalars |= {f"dev_{k}": v for k, v in scores.items()}
+            if best is None or scores["f1_weighted"] > best[0]:
+                state = accelerator.unwrap_model(model).state_dict()
+                best = (scores["f1_weighted"], epoch, {k: v.detach().clone() for k, v in state.items()})
         progress.log(**scalars)
+        if history is not None:
+            history.append(scalars)
+    unwrapped = accelerator.unwrap_model(model)
+    if best is not None:
+        unwrapped.load_state_dict(best[2])
+        progress.log(best_epoch=best[1], dev_f1_weighted=best[0])
     progress.close()
     torch.set_num_threads(threads)
-    return accelerator.unwrap_model(model)
+    return unwrapped
 
 
 class Notes(Dataset):
-    """Tokenized notes and labels for fine-tuning; batches padded to their longest note."""
+    """Notes as windows of token ids, and their labels, for fine-tuning. A batch holds every window
+    of its notes (padded to the longest) and the window count per note, which the classifier pools
+    by before its head."""
 
-    def __init__(self, ids: list[list[int]], labels: np.ndarray, pad_id: int):
-        self.ids, self.labels, self.pad_id = ids, labels, pad_id
+    def __init__(self, windows: list[list[list[int]]], labels: np.ndarray, pad_id: int):
+        self.windows, self.labels, self.pad_id = windows, labels, pad_id
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.windows)
 
-    def __getitem__(self, i: int) -> tuple[list[int], int]:
-        return self.ids[i], int(self.labels[i])
+    def __getitem__(self, i: int) -> tuple[list[list[int]], int]:
+        return self.windows[i], int(self.labels[i])
 
-    def collate(self, batch: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        input_ids, mask = features.pad([ids for ids, _ in batch], self.pad_id)
-        return input_ids, mask, torch.tensor([label for _, label in batch])
+    def collate(self, batch: list[tuple[list[list[int]], int]]) -> tuple[torch.Tensor, ...]:
+        input_ids, mask = features.pad([w for windows, _ in batch for w in windows], self.pad_id)
+        counts = torch.tensor([len(windows) for windows, _ in batch])
+        return input_ids, mask, counts, torch.tensor([label for _, label in batch])
 
 
 def probabilities(head: nn.Module, vectors: torch.Tensor, accelerator: Accelerator) -> np.ndarray:

@@ -95,8 +95,9 @@ def make_tiny_bert(folder: pathlib.Path, csv: pathlib.Path, vocab_size: int = 10
     return folder
 
 
-def make_classifier(folder: pathlib.Path, encoder: pathlib.Path, classes: list[str], max_length: int = 32):
-    """A frozen tiny classifier (untrained head) saved as the head job saves one."""
+def make_classifier(folder: pathlib.Path, encoder: pathlib.Path, classes: list[str], max_length: int = 32, **windows):
+    """A frozen tiny classifier (untrained head) saved as the head job saves one (`windows`: its
+    stride, windows and window_pooling, else one truncated window)."""
     from medclf import classifier, runtime
 
     _, _, where = classifier.load_encoder(str(encoder))
@@ -111,6 +112,7 @@ def make_classifier(folder: pathlib.Path, encoder: pathlib.Path, classes: list[s
         hidden_size=32,
         dropout=0.2,
         frozen=True,
+        **windows,
     )
     classifier.save(str(folder), head, info)
     return folder

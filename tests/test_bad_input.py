@@ -124,11 +124,11 @@ def publish(source: str, target: str) -> Callable[[Path], None]:
     return apply
 
 
-def other_classifier(classes: Optional[list[str]] = None, max_length: int = 32) -> Callable[[Path], None]:
+def other_classifier(classes: Optional[list[str]] = None, max_length: int = 32, **windows) -> Callable[[Path], None]:
     def apply(run: Path) -> None:
         info = json.loads((run / "classifier" / "classifier.json").read_text())
         shutil.rmtree(run / "classifier")
-        make_classifier(run / "classifier", Path(info["encoder"]), classes or info["classes"], max_length)
+        make_classifier(run / "classifier", Path(info["encoder"]), classes or info["classes"], max_length, **windows)
 
     return apply
 
@@ -265,6 +265,22 @@ CASES = [
     ("head", "not a BERT-family model", [*HEAD, "mlm.model={run}/gpt2"], None, NOT_BERT),
     ("head", "max_length above positions", [*HEAD, "head.max_length=256"], None, r"head\.max_length=256 is above"),
     ("head", "adapted model missing", [*HEAD, "head.encoder=adapted"], None, r"mlm/model has no model yet"),
+    (
+        "head",
+        "dev fraction leaving a class empty",
+        [*HEAD, "head.dev_fraction=0.05"],
+        None,
+        r"head\.dev_fraction=0\.05: the dev part of .*train\.csv has no note of class",
+    ),
+    ("head", "dev fraction of 1", [*HEAD, "head.dev_fraction=1"], None, r"head\.dev_fraction: must be .* below 1"),
+    ("head", "window stride 0", [*HEAD, "head.stride=0"], None, r"head\.stride: must be between 1 and .* got 0$"),
+    (
+        "head",
+        "window stride above max_length - 2",
+        [*HEAD, "head.stride=31"],
+        None,
+        r"head\.stride: must be between 1 and head\.max_length - 2 = 30 .* got 31$",
+    ),
     ("head", "existing output", HEAD, write("head-pretrained/report.md", "x"), r"head-pretrained: output exists"),
     (
         "head",
@@ -306,6 +322,13 @@ CASES = [
         r"not a medclf classifier folder",
     ),
     ("evaluate", "max_length above positions", EVALUATE, other_classifier(max_length=256), r"max_length=256 is above"),
+    (
+        "evaluate",
+        "encoder shorter than the classifier's windows",
+        EVALUATE,
+        other_classifier(max_length=256, stride=200, windows=None),
+        r"classifier\.json: windows of max_length=256 is above .* max_position_embeddings 128",
+    ),
     (
         "evaluate",
         "existing output",

@@ -72,3 +72,37 @@ def test_verdict_says_what_the_evidence_says():
     assert compare.verdict("pretrained", "adapted", summary(-0.05, -0.01, 0.01)).startswith("No, adaptation hurt")
     assert compare.verdict("pretrained", "adapted", summary(-0.05, -0.01, 0.6)).startswith("No, and if anything")
     assert compare.verdict("pretrained", "adapted", summary(0.01, 0.05, 0.6)).startswith("Probably")
+
+
+# ---------------------------------------------------------------- the TF-IDF baseline in every comparison
+
+
+@pytest.mark.slow
+def test_compare_and_evaluate_carry_the_baseline(tmp_path, prepared, tiny_bert):
+    import json
+
+    from medclf import config, evaluate
+    from tests.helpers import make_small_run
+
+    run = make_small_run(tmp_path / "run", prepared, train_notes=60, validation_notes=20)
+    settings = [f"out={run}", f"mlm.model={tiny_bert}", "head.max_length=32", "head.windows=2", "head.epochs=2"]
+    compare.run(config.load("compare", None, [*settings, f"compare.encoders=[pretrained, {tiny_bert}]", "seeds=2"]))
+    summary = json.loads((run / "comparison.json").read_text())
+    names = list(summary["metrics"])
+    assert names[-1] == "baseline" and len(names) == 3
+    assert set(summary["metrics"]["baseline"]) == set(summary["metrics"][names[0]])  # the same metric names
+    for name in names[:2]:
+        against = summary["against_baseline"][name]
+        low, high = against["f1_weighted_difference"]["ci95"]
+        assert low <= against["f1_weighted_difference"]["observed"] <= high
+        assert f"{name}'s head" in summary["verdict"] and "TF-IDF baseline" in summary["verdict"]
+    table = (run / "comparison.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| metric |"))
+    assert header.startswith("| metric | pretrained | ") and header.endswith("| baseline |")
+    assert f"| {summary['metrics']['baseline']['f1_weighted']['mean']:.4f} |" in table
+    assert summary["verdict"] in table
+
+    evaluate.run(config.load("evaluate", None, [f"out={run}", "evaluate.model=baseline"]))
+    scored = json.loads((run / "evaluate" / "baseline" / "metrics.json").read_text())
+    for metric, value in summary["metrics"]["baseline"].items():
+        assert scored[metric] == pytest.approx(value["mean"])  # refitted, the same numbers

@@ -61,6 +61,10 @@ def test_features_are_computed_once_per_text_however_many_epochs(small, tiny_ber
     splits = [pd.read_csv(small / "prepare" / f) for f in ("train.csv", "validation.csv")]
     distinct, rows = sum(df["transcription"].nunique() for df in splits), sum(len(df) for df in splits)
     assert distinct < rows  # the data repeats texts, so "once per text" is a real claim
+    _, tokenizer, _ = classifier.load_encoder(str(tiny_bert))
+    texts = [t for df in splits for t in df["transcription"].unique()]
+    distinct = sum(map(len, features.tokenize_windows(tokenizer, texts, classifier.Windows(64))))  # windows
+    assert distinct > len(texts)  # whole notes: several windows each
 
     head.run(head_spec(small, tiny_bert, "epochs=1"))
     assert sum(seen) == distinct
@@ -164,3 +168,159 @@ def test_bad_input_is_one_line_naming_the_key_file_or_row(small, tiny_bert):
     df.drop(columns=["transcription"]).to_csv(train, index=False)
     with pytest.raises(MedclfError, match=r"train.csv: missing column\(s\) transcription"):
         head.run(head_spec(small, tiny_bert))
+
+
+# ---------------------------------------------------------------- windows: the whole note
+
+
+def test_windows_split_the_whole_note_and_one_window_is_truncation(tiny_bert):
+    _, tokenizer, _ = classifier.load_encoder(str(tiny_bert))
+    tokens = list(range(100, 125))  # 25 content tokens
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    assert classifier.special_tokens(tokenizer) == ([cls], [sep])
+    specials = ([cls], [sep])
+    whole = classifier.Windows(12).split(tokens, specials)  # 10 content tokens a window, no overlap
+    assert whole == [[cls, *tokens[0:10], sep], [cls, *tokens[10:20], sep], [cls, *tokens[20:25], sep]]
+    overlapping = classifier.Windows(12, stride=8).split(tokens, specials)
+    assert [w[1] for w in overlapping] == [100, 108, 116] and overlapping[-1][-2] == 124
+    assert classifier.Windows(12, cap=2).split(tokens, specials) == whole[:2]
+    assert classifier.Windows(12).split([], specials) == [[cls, sep]]
+    text = "chest pain and shortness of breath for three days, worse on exertion " * 6
+    _, tokenizer, _ = classifier.load_encoder(str(tiny_bert))
+    truncated = tokenizer([text], truncation=True, max_length=16)["input_ids"]
+    assert features.tokenize_windows(tokenizer, [text], classifier.Windows(16, cap=1)) == [truncated]
+
+
+@pytest.mark.parametrize("window_pooling", ["mean", "max"])
+def test_a_notes_vector_pools_its_windows_each_encoded_alone(tiny_bert, window_pooling):
+    encoder, tokenizer, _ = classifier.load_encoder(str(tiny_bert))
+    model = Classifier(encoder, Head(32, 3), "mean", frozen=True, window_pooling=window_pooling).eval()
+    long = "the patient reports chest pain radiating to the left arm with nausea and sweating " * 3
+    texts = [long, "left knee pain", long]  # the long note (3 windows of 32) twice: encoded once
+    windows = classifier.Windows(32)
+    pieces = features.tokenize_windows(tokenizer, [long], windows)[0]
+    assert len(pieces) == 3
+    with torch.no_grad():
+        alone = torch.cat([model.features(torch.tensor([w]), torch.ones(1, len(w), dtype=torch.long)) for w in pieces])
+    expected = alone.mean(0) if window_pooling == "mean" else alone.max(0).values
+    vectors = features.encode(model, tokenizer, texts, windows, 2, runtime.make_accelerator())
+    assert torch.allclose(vectors[0], expected, atol=1e-5) and torch.equal(vectors[0], vectors[2])
+    short = tokenizer(["left knee pain"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(vectors[1], model.features(short["input_ids"], short["attention_mask"])[0], atol=1e-5)
+        # fine-tuning's path (windows of a note pooled before the head) gives the same logits
+        batch = training.Notes([pieces, pieces[:1]], torch.tensor([0, 1]).numpy(), tokenizer.pad_token_id)
+        *inputs, _ = batch.collate([batch[0], batch[1]])
+        assert torch.allclose(model(*inputs)[0], model.head(expected), atol=1e-5)
+
+
+def test_the_feature_cache_key_holds_every_setting(tiny_bert):
+    encoder, _, _ = classifier.load_encoder(str(tiny_bert))
+    accelerator = runtime.make_accelerator()
+    model = Classifier(encoder, Head(32, 3), "mean", frozen=True)
+    key = features.cache_key(model, accelerator, "fp", ["a", "b"], classifier.Windows(64))
+    others = [
+        features.cache_key(model, accelerator, "fp2", ["a", "b"], classifier.Windows(64)),
+        features.cache_key(model, accelerator, "fp", ["a", "c"], classifier.Windows(64)),
+        features.cache_key(model, accelerator, "fp", ["a", "b"], classifier.Windows(32)),
+        features.cache_key(model, accelerator, "fp", ["a", "b"], classifier.Windows(64, stride=30)),
+        features.cache_key(model, accelerator, "fp", ["a", "b"], classifier.Windows(64, cap=1)),
+        features.cache_key(
+            Classifier(encoder, Head(32, 3), "cls", True), accelerator, "fp", ["a", "b"], classifier.Windows(64)
+        ),
+        features.cache_key(
+            Classifier(encoder, Head(32, 3), "mean", True, "max"), accelerator, "fp", ["a", "b"], classifier.Windows(64)
+        ),
+        features.cache_key(
+            Classifier(encoder.to(torch.float64), Head(32, 3), "mean", True),
+            accelerator,
+            "fp",
+            ["a", "b"],
+            classifier.Windows(64),
+        ),
+    ]
+    assert len({key, *others}) == len(others) + 1
+
+
+def test_an_old_classifier_json_loads_as_one_truncated_window(tiny_bert, tmp_path):
+    info = classifier.ClassifierInfo(
+        classes=["a", "b"], encoder="x", encoder_fingerprint="f", pooling="cls", max_length=64, hidden_size=32,
+        dropout=0.2, frozen=True,
+    )  # fmt: skip
+    old = {k: v for k, v in dataclasses.asdict(info).items() if k not in ("stride", "windows", "window_pooling")}
+    loaded = classifier.ClassifierInfo(**old)
+    assert loaded.windowing == classifier.Windows(64, None, 1) and loaded.window_pooling == "mean"
+
+
+@pytest.mark.slow
+def test_windows_round_trip_and_evaluate_and_predict_reproduce_the_heads_probabilities(small, tiny_bert, tmp_path):
+    from medclf import config, evaluate, predict
+
+    settings = ("epochs=2", "max_length=24", "stride=16", "windows=4", "window_pooling=max", "pooling=mean")
+    head.run(head_spec(small, tiny_bert, *settings))
+    model_dir = small / "head-pretrained" / "model"
+    info = json.loads((model_dir / "classifier.json").read_text())
+    assert (info["max_length"], info["stride"], info["windows"], info["window_pooling"]) == (24, 16, 4, "max")
+    assert info["pooling"] == "mean"
+    head_metrics = json.loads((small / "head-pretrained" / "metrics.json").read_text())
+
+    evaluate.run(config.load("evaluate", None, [f"out={small}", "evaluate.model=pretrained"]))
+    evaluated = json.loads((small / "evaluate" / "pretrained" / "metrics.json").read_text())
+    assert evaluated["confusion_matrix"] == head_metrics["confusion_matrix"]
+
+    predicted = tmp_path / "predicted.csv"
+    spec = [f"predict.model={model_dir}", f"predict.input={small / 'prepare' / 'validation.csv'}"]
+    predict.run(config.load("predict", None, [*spec, f"predict.output={predicted}"]))
+    probs = pd.read_csv(predicted).filter(like="prob_").to_numpy()
+    loaded, tokenizer, _ = classifier.load(str(model_dir))
+    texts = pd.read_csv(small / "prepare" / "validation.csv")["transcription"].tolist()
+    vectors = features.encode(loaded, tokenizer, texts, classifier.Windows(24, 16, 4), 8, runtime.make_accelerator())
+    expected = training.probabilities(loaded.head, vectors, runtime.make_accelerator())
+    assert abs(probs - expected).max() < 1e-5
+
+
+# ---------------------------------------------------------------- the dev fold
+
+
+def test_fit_keeps_the_epoch_with_the_best_dev_score():
+    accelerator = runtime.make_accelerator()
+    x, y = torch.randn(40, 8), torch.randint(0, 3, (40,))
+    scripted, snapshots = iter([0.2, 0.6, 0.4, 0.6]), []
+
+    def dev(model):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"f1_weighted": next(scripted), "accuracy": 0.5}
+
+    history: list[dict] = []
+    kept = training.fit(
+        accelerator, Head(8, 3), TensorDataset(x, y), epochs=4, batch_size=8, lr=1e-2, seed=0, dev=dev, history=history
+    )
+    assert [h["dev_f1_weighted"] for h in history] == [0.2, 0.6, 0.4, 0.6]
+    assert not torch.equal(snapshots[1]["layers.0.weight"], snapshots[3]["layers.0.weight"])
+    assert all(torch.equal(v, snapshots[1][k]) for k, v in kept.state_dict().items())  # epoch 2: the first best
+
+
+def test_the_dev_fold_is_carved_from_train_by_note(prepared):
+    classes, train, _ = head.data.read_splits(str(prepared))
+    fit_part, dev = head.carve_dev(train, 0.2, 42, classes)
+    assert not set(fit_part[1]["text_id"]) & set(dev[1]["text_id"])
+    assert len(fit_part[2]) + len(dev[2]) == len(train[2]) and len(fit_part[1]) == len(fit_part[2])
+    assert abs(dev[1]["text_id"].nunique() / train[1]["text_id"].nunique() - 0.2) < 0.01
+    assert head.carve_dev(train, 0.0, 42, classes) == (train, None)
+    assert head.carve_dev(train, 0.2, 42, classes)[1][1].equals(dev[1])  # seeded
+
+
+@pytest.mark.slow
+def test_a_head_with_a_dev_fold_records_each_epoch_and_keeps_the_best(tmp_path, prepared, tiny_bert):
+    small = make_small_run(tmp_path / "run", prepared, train_notes=10**6, validation_notes=10)  # all train notes
+    head.run(head_spec(small, tiny_bert, "epochs=4", "dev_fraction=0.2", "windows=1", "lr=1e-2"))
+    metrics = json.loads((small / "head-pretrained" / "metrics.json").read_text())
+    epochs, dev = metrics["epochs"], metrics["dev"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4] and all("dev_f1_weighted" in e for e in epochs)
+    best = max(epochs, key=lambda e: e["dev_f1_weighted"])
+    assert dev["best_epoch"] == best["epoch"] and dev["f1_weighted"] == best["dev_f1_weighted"]
+    train = pd.read_csv(small / "prepare" / "train.csv")
+    rows = len(train)
+    assert (
+        dev["fit_notes"] + dev["dev_notes"] == train["text_id"].nunique() and dev["fit_rows"] + dev["dev_rows"] == rows
+    )

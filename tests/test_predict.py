@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from medclf import classifier, config, head, predict
+from medclf import classifier, config, features, head, predict
 from medclf.errors import MedclfError
 from tests.helpers import REPO, free_port, head_spec, make_small_run
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, prepared, tiny_bert):
     out = make_small_run(tmp_path_factory.mktemp("predict") / "run", prepared)
-    head.run(head_spec(out, tiny_bert, "epochs=3", "lr=0.01"))
+    head.run(head_spec(out, tiny_bert, "epochs=3", "lr=0.01", "windows=3", "window_pooling=max", "pooling=mean"))
     return out / "head-pretrained" / "model"
 
 
@@ -59,8 +59,9 @@ def test_predict_writes_columns_and_rows_in_input_order(model_dir, notes, tmp_pa
     model, tokenizer, info = classifier.load(str(model_dir))
     with torch.no_grad():
         for i, text in enumerate(notes["transcription"]):
-            ids = tokenizer([text], truncation=True, max_length=info.max_length, return_tensors="pt")
-            alone = torch.softmax(model(ids["input_ids"], ids["attention_mask"]), -1)[0].numpy()
+            windows = features.tokenize_windows(tokenizer, [text], info.windowing)[0]  # the whole note
+            ids, mask = features.pad(windows, tokenizer.pad_token_id)
+            alone = torch.softmax(model(ids, mask, torch.tensor([len(windows)])), -1)[0].numpy()
             assert np.allclose(probs[i], alone, atol=1e-5), i
     # the rows really differ, so the per-row check above could tell a swapped row
     assert np.abs(probs - probs[3]).max() > 1e-4
