@@ -25,7 +25,7 @@ from torch.utils.data import TensorDataset
 from medclf import baseline, data, features, layout, models, report, runtime, storage
 from medclf.classifier import Classifier, Head, check_max_length, encoder_reference, fingerprint, load_encoder
 from medclf.config import RunSpec, required
-from medclf.training import fit, probabilities
+from medclf.training import Standardizer, fit, probabilities
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +83,17 @@ def _train_head(spec: RunSpec, accelerator, seed: int, num_classes: int, train_x
     """One head (head.* settings) trained with `seed`; its validation probabilities."""
     head_cfg = spec.head
     runtime.seed_everything(seed)
+    scale = Standardizer(train_x, head_cfg.standardize)
     head = fit(
         accelerator,
         Head(train_x.shape[1], num_classes, head_cfg.dropout),
-        TensorDataset(train_x, torch.tensor(train_y)),
+        TensorDataset(scale(train_x), torch.tensor(train_y)),
         epochs=head_cfg.epochs,
         batch_size=head_cfg.batch_size,
         lr=head_cfg.lr,
         seed=seed,
     )
-    return probabilities(head, validation_x, accelerator)
+    return probabilities(scale.fold(head), validation_x, accelerator)
 
 
 def statistics(spec: RunSpec, encoders: dict, seeds: list[int], runs: dict, probs: dict, validation) -> dict:

@@ -144,6 +144,11 @@ class HeadSpec:
     lr: float = opt(1e-3, "learning rate (AdamW); fine-tuning wants about 2e-5")
     dropout: float = opt(0.2, "dropout between head layers")
     seed: Optional[int] = opt(None, "seed for this head; default the run seed")
+    standardize: bool = opt(
+        False,
+        "frozen heads: train on features scaled to the training split's mean 0 and sd 1 (folded into the "
+        "head's first layer afterwards, so the saved head reads raw features)",
+    )
     dev_fraction: float = opt(
         0.0,
         "share of training notes held out as a grouped dev fold: the head trains on the rest, is scored "
@@ -154,6 +159,8 @@ class HeadSpec:
         found: list[str] = []
         if _is_number(self.dev_fraction) and not 0 <= self.dev_fraction < 1:
             found.append(f"head.dev_fraction: must be at least 0 and below 1, got {self.dev_fraction}")
+        if self.standardize is True and self.freeze is False:
+            found.append("head.standardize: applies to a frozen encoder's features only (head.freeze: true)")
         if isinstance(self.windows, int) and _is_number(self.windows) and self.windows < 1:
             found.append(f"head.windows: must be at least 1 (null: all windows), got {self.windows}")
         content = self.max_length - 2 if _is_number(self.max_length) else None

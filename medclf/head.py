@@ -32,7 +32,7 @@ from medclf.classifier import (
 )
 from medclf.config import RunSpec
 from medclf.errors import MedclfError
-from medclf.training import Notes, fit, probabilities
+from medclf.training import Notes, Standardizer, fit, probabilities
 
 log = logging.getLogger(__name__)
 
@@ -114,16 +114,17 @@ def _train_frozen(
     train_x, validation_x, *dev_x = features.cached_splits(
         model, tokenizer, splits, cfg, config.required(spec.out, "out"), accelerator, encoder_fingerprint
     )
+    scale = Standardizer(train_x, cfg.standardize)
     score = None
     if dev is not None:
 
         def score(head):
-            return dev_scores(dev[2], probabilities(head, dev_x[0], accelerator).argmax(1))
+            return dev_scores(dev[2], probabilities(head, scale(dev_x[0]), accelerator).argmax(1))
 
     head = fit(
         accelerator,
         model.head,
-        TensorDataset(train_x, torch.tensor(train[2])),
+        TensorDataset(scale(train_x), torch.tensor(train[2])),
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
@@ -131,6 +132,7 @@ def _train_frozen(
         dev=score,
         history=history,
     )
+    head = scale.fold(head)
     return head, probabilities(head, validation_x, accelerator), encoder_fingerprint
 
 

@@ -103,6 +103,32 @@ def fit(
     return unwrapped
 
 
+class Standardizer:
+    """(x - mean) / sd with the training vectors' per-feature statistics; identity when off.
+
+    A head trains faster and steadier on standardized features (dev fold, README). `fold` then moves
+    the scaling into the head's first layer (W' = W / sd, b' = b - W' mean), so the saved head reads
+    raw features and evaluate, predict and the classifier format need not know about it. Off, mean 0
+    and sd 1 make every step exact, so the results are bit-identical to no standardizing.
+    """
+
+    def __init__(self, train_x: torch.Tensor, on: bool):
+        dim = train_x.shape[1]
+        self.mean = train_x.mean(0) if on else torch.zeros(dim)
+        self.sd = train_x.std(0).clamp(min=1e-6) if on else torch.ones(dim)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.sd
+
+    def fold(self, head: Head) -> Head:
+        first = head.layers[0]
+        assert isinstance(first, nn.Linear)
+        with torch.no_grad():
+            first.weight.div_(self.sd)
+            first.bias.sub_(first.weight @ self.mean)
+        return head
+
+
 class Notes(Dataset):
     """Notes as windows of token ids, and their labels, for fine-tuning. A batch holds every window
     of its notes (padded to the longest) and the window count per note, which the classifier pools

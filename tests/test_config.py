@@ -144,3 +144,9 @@ def test_a_job_given_a_spec_built_in_code_without_its_required_keys_names_the_ke
     with pytest.raises(MedclfError, match=r"^predict\.model: required but not set$"):
         predict.run(config.RunSpec())
     assert layout.Run.of(config.RunSpec(out="memory://run")).out == "memory://run"
+
+
+def test_standardize_is_for_frozen_heads_only():
+    with pytest.raises(MedclfError, match=r"head.standardize: applies to a frozen encoder's features only"):
+        config.load("head", None, ["out=/tmp/x", "head.freeze=false", "head.standardize=true"])
+    assert config.load("head", None, ["out=/tmp/x", "head.standardize=true"]).head.standardize is True

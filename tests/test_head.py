@@ -324,3 +324,31 @@ def test_a_head_with_a_dev_fold_records_each_epoch_and_keeps_the_best(tmp_path, 
     assert (
         dev["fit_notes"] + dev["dev_notes"] == train["text_id"].nunique() and dev["fit_rows"] + dev["dev_rows"] == rows
     )
+
+
+def test_standardized_training_folds_into_the_first_layer():
+    """The head trained on standardized features, folded, gives the same outputs on raw features."""
+    from medclf.classifier import Head
+    from medclf.training import Standardizer
+
+    torch.manual_seed(0)
+    train_x = torch.randn(50, 8) * torch.linspace(0.1, 10, 8) + torch.linspace(-5, 5, 8)
+    head = Head(8, 3, dropout=0.0).eval()
+    scale = Standardizer(train_x, on=True)
+    assert scale(train_x).mean(0).abs().max() < 1e-5 and (scale(train_x).std(0) - 1).abs().max() < 1e-5
+    expected = head(scale(train_x))
+    torch.testing.assert_close(scale.fold(head)(train_x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_standardizing_off_leaves_the_head_bit_identical():
+    from medclf.classifier import Head
+    from medclf.training import Standardizer
+
+    torch.manual_seed(0)
+    train_x = torch.randn(20, 8) * 3 + 1
+    head = Head(8, 3, dropout=0.0)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    scale = Standardizer(train_x, on=False)
+    assert torch.equal(scale(train_x), train_x)
+    folded = scale.fold(head)
+    assert all(torch.equal(before[k], v) for k, v in folded.state_dict().items())
