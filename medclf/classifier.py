@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from medclf import layout, manifest, models, storage
 from medclf.config import RunSpec
@@ -114,12 +115,22 @@ class Classifier(nn.Module):
     """Encoder + head on token ids. A frozen encoder stays in eval mode even while the head trains.
 
     `pooling` makes a window's vector (its [CLS] or token mean), `window_pooling` a note's vector
-    from its windows' vectors (mean or max)."""
+    from its windows' vectors (mean or max). At most `max_windows` windows (None: all) go through
+    the encoder at once; while training, each chunk's activations are recomputed in the backward
+    pass instead of kept, so memory follows the chunk, not the batch's windows."""
 
-    def __init__(self, encoder: PreTrainedModel, head: Head, pooling: str, frozen: bool, window_pooling: str = "mean"):
+    def __init__(
+        self,
+        encoder: PreTrainedModel,
+        head: Head,
+        pooling: str,
+        frozen: bool,
+        window_pooling: str = "mean",
+        max_windows: Optional[int] = None,
+    ):
         super().__init__()
         self.encoder, self.head, self.pooling, self.frozen = encoder, head, pooling, frozen
-        self.window_pooling = window_pooling
+        self.window_pooling, self.max_windows = window_pooling, max_windows
         if frozen:
             self.encoder.requires_grad_(False)
 
@@ -131,8 +142,17 @@ class Classifier(nn.Module):
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return pool(hidden, attention_mask, self.pooling).float()
+            if self.max_windows is None or len(input_ids) <= self.max_windows:
+                return self._encode(input_ids, attention_mask)
+            chunks = zip(input_ids.split(self.max_windows), attention_mask.split(self.max_windows), strict=True)
+            if not torch.is_grad_enabled():
+                return torch.cat([self._encode(ids, mask) for ids, mask in chunks])
+            # gradients flow through every chunk; checkpoint replays dropout's random draws exactly
+            return torch.cat([checkpoint(self._encode, ids, mask, use_reentrant=False) for ids, mask in chunks])
+
+    def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return pool(hidden, attention_mask, self.pooling).float()
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, counts: Optional[torch.Tensor] = None

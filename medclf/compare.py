@@ -92,6 +92,8 @@ def _train_head(spec: RunSpec, accelerator, seed: int, num_classes: int, train_x
         batch_size=head_cfg.batch_size,
         lr=head_cfg.lr,
         seed=seed,
+        micro_batch_size=head_cfg.micro_batch_size,
+        warmup_ratio=head_cfg.warmup_ratio,  # frozen heads, as the head job trains them
     )
     return probabilities(scale.fold(head), validation_x, accelerator)
 

@@ -138,10 +138,23 @@ class HeadSpec:
     )
     windows: Optional[int] = opt(None, "windows per note at most; null: all (the whole note); 1: truncation")
     window_pooling: Literal["mean", "max"] = opt("mean", "a note's vector from its windows' vectors")
-    batch_size: int = opt(24, "global training batch")
-    encode_batch_size: int = opt(32, "windows per forward pass when encoding")
+    batch_size: int = opt(24, "global training batch (notes per optimizer step), whatever the process count")
+    micro_batch_size: Optional[int] = opt(
+        None,
+        "notes per process per forward pass (divides batch_size; accumulation makes up the rest); "
+        "null: batch_size / processes",
+    )
+    encode_batch_size: int = opt(
+        32, "windows per encoder forward pass: encoding, and fine-tuning's chunks (bounds memory on long notes)"
+    )
     epochs: int = opt(8, "training epochs")
-    lr: float = opt(1e-3, "learning rate (AdamW); fine-tuning wants about 2e-5")
+    lr: float = opt(1e-3, "learning rate (AdamW) of the head; of the encoder too unless encoder_lr is set")
+    encoder_lr: Optional[float] = opt(None, "fine-tuning: the encoder's learning rate (about 2e-5); null: head.lr")
+    warmup_ratio: Optional[float] = opt(
+        None,
+        "share of steps warming the lr up linearly, then linear decay to 0; null: 0.1 when fine-tuning, "
+        "a constant lr for a frozen head",
+    )
     dropout: float = opt(0.2, "dropout between head layers")
     seed: Optional[int] = opt(None, "seed for this head; default the run seed")
     standardize: bool = opt(
@@ -156,7 +169,7 @@ class HeadSpec:
     )
 
     def problems(self) -> list[str]:
-        found: list[str] = []
+        found = _at_least(self, "head", 1, "encode_batch_size")
         if _is_number(self.dev_fraction) and not 0 <= self.dev_fraction < 1:
             found.append(f"head.dev_fraction: must be at least 0 and below 1, got {self.dev_fraction}")
         if self.standardize is True and self.freeze is False:
@@ -170,6 +183,21 @@ class HeadSpec:
                 f"head.stride: must be between 1 and head.max_length - 2 = {content} "
                 f"(null: no overlap), got {self.stride}"
             )
+        return found + self._optimizer_problems()
+
+    def _optimizer_problems(self) -> list[str]:
+        found = []
+        if _is_number(self.warmup_ratio) and not 0 <= self.warmup_ratio < 1:
+            found.append(f"head.warmup_ratio: must be at least 0 and below 1, got {self.warmup_ratio}")
+        for key in ("lr", "encoder_lr"):
+            if _is_number(getattr(self, key)) and getattr(self, key) <= 0:
+                found.append(f"head.{key}: must be above 0, got {getattr(self, key)}")
+        micro = self.micro_batch_size
+        if isinstance(micro, int) and _is_number(micro):
+            if micro < 1:
+                found.append(f"head.micro_batch_size: must be at least 1 (null: the whole batch), got {micro}")
+            elif _is_number(self.batch_size) and self.batch_size % micro:
+                found.append(f"head.micro_batch_size: must divide head.batch_size={self.batch_size}, got {micro}")
         return found
 
 

@@ -2,7 +2,7 @@
 
     medclf head jobs/mtsamples.yaml head.encoder=pretrained
     accelerate launch -m medclf head jobs/mtsamples.yaml head.encoder=adapted
-    medclf head jobs/mtsamples.yaml head.encoder=org/some-bert head.name=some-bert head.freeze=false lr=2e-5
+    medclf head jobs/mtsamples.yaml head.encoder=org/some-bert head.name=some-bert head.freeze=false encoder_lr=2e-5
 
 Writes <out>/head-<name>/{model/, metrics.json, report.md, confusion.png, spec.yaml}; a frozen
 run also leaves its features under <out>/features/ for later heads, evaluate and compare.
@@ -36,6 +36,10 @@ from medclf.training import Notes, Standardizer, fit, probabilities
 
 log = logging.getLogger(__name__)
 
+# Fine-tuning warms the lr up over the first 10% of steps: Adam's first updates, before its moment
+# estimates settle, are the ones that damage pretrained weights most.
+FINE_TUNE_WARMUP = 0.1
+
 
 def run(spec: RunSpec) -> None:
     cfg, paths = spec.head, layout.Run.of(spec)
@@ -55,7 +59,7 @@ def run(spec: RunSpec) -> None:
     check_max_length(cfg.max_length, where, ref, "head.max_length")
     runtime.seed_everything(seed)
     head = Head(encoder.config.hidden_size, len(classes), cfg.dropout)
-    model = Classifier(encoder, head, cfg.pooling, cfg.freeze, cfg.window_pooling)
+    model = Classifier(encoder, head, cfg.pooling, cfg.freeze, cfg.window_pooling, max_windows=cfg.encode_batch_size)
     log.info(
         "head-%s: encoder %s, %d classes, %s, seed %d",
         name,
@@ -129,6 +133,8 @@ def _train_frozen(
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         seed=seed,
+        micro_batch_size=cfg.micro_batch_size,
+        warmup_ratio=cfg.warmup_ratio,  # null: a constant lr, as the published frozen heads trained
         dev=score,
         history=history,
     )
@@ -159,6 +165,9 @@ def _fine_tune(
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         seed=seed,
+        micro_batch_size=cfg.micro_batch_size,
+        encoder_lr=cfg.encoder_lr,
+        warmup_ratio=FINE_TUNE_WARMUP if cfg.warmup_ratio is None else cfg.warmup_ratio,
         dev=score if dev is not None else None,
         history=history,
     )

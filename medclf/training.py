@@ -6,19 +6,25 @@ A head on cached features and a fine-tuned classifier (encoder and head) train w
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Callable, Optional, TypeVar
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from medclf import features, runtime
 from medclf.classifier import Head
 from medclf.errors import MedclfError
+from medclf.optim import adamw, decay_groups, warmup_then_decay
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+# AdamW's default decay, which the head has always trained with; fine-tuning spares the 1-d parameters.
+WEIGHT_DECAY = 0.01
 
 
 def fit(
@@ -30,6 +36,9 @@ def fit(
     batch_size: int,
     lr: float,
     seed: int,
+    micro_batch_size: Optional[int] = None,
+    encoder_lr: Optional[float] = None,
+    warmup_ratio: Optional[float] = None,
     validation: tuple[torch.Tensor, np.ndarray] | None = None,
     dev: Optional[Callable[[ModuleT], dict]] = None,
     history: Optional[list] = None,
@@ -37,26 +46,33 @@ def fit(
     """Cross-entropy training of `model` on (inputs..., label) batches; returns the unwrapped model.
 
     The head on cached features and the fine-tuned classifier share this loop. `batch_size` is
-    the global batch: each of N processes takes batch_size / N examples per step. `dev` scores
-    the (unwrapped) model after each epoch ({"f1_weighted": ..., ...}); the model returned then
-    has the weights of the epoch with the best dev weighted F1 (the first of equals). Each
-    epoch's log line is appended to `history`.
+    the global batch of one optimizer step: each of N processes takes batch_size / N examples per
+    step, in forward passes of `micro_batch_size` (None: all at once). `warmup_ratio` (None: a
+    constant lr) warms the lr up linearly, then decays it linearly to 0 after the last step.
+    `encoder_lr` is the lr of a fine-tuned encoder's parameters (None: `lr`, as for the rest).
+    `dev` scores the (unwrapped) model after each epoch ({"f1_weighted": ..., ...}); the model
+    returned then has the weights of the epoch with the best dev weighted F1 (the first of equals).
+    Each epoch's log line is appended to `history`.
     """
     world = accelerator.num_processes
     if batch_size % world:
         raise MedclfError(f"head.batch_size={batch_size} is not a multiple of the {world} processes")
+    micro = micro_batch_size or batch_size // world
+    runtime.accumulation_steps(batch_size, micro, world, key="head.batch_size")  # refuses a split that cannot be
     runtime.seed_everything(seed)
-    order = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         dataset,
         batch_size=batch_size // world,
         shuffle=True,
-        generator=order,
-        collate_fn=getattr(dataset, "collate", None),
+        generator=torch.Generator().manual_seed(seed),
+        # each of a process's batches comes as its micro-batches, collated one by one
+        collate_fn=functools.partial(_micro_batches, getattr(dataset, "collate", default_collate), micro),
     )
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = _optimizer(model, lr, encoder_lr)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    loss_fn = nn.CrossEntropyLoss()
+    # The scheduler stays unprepared: Accelerate would step it once per process.
+    raw = optimizer.optimizer  # the prepared loader's length is known now; the schedule drives the real optimizer
+    scheduler = None if warmup_ratio is None else warmup_then_decay(raw, warmup_ratio, epochs * len(loader))
     progress = runtime.Progress(accelerator, total=epochs * len(loader), desc="head", unit="notes")
     # A head on cached features multiplies tiny matrices: on CPU, handing them to several threads
     # costs more than the arithmetic (25-60x slower on a busy 2-core machine), so it uses one.
@@ -68,18 +84,21 @@ def fit(
     for epoch in range(1, epochs + 1):
         model.train()
         total, count = torch.zeros((), device=accelerator.device), 0
-        for *inputs, labels in loader:
-            # -- forward, backward, step
-            loss = loss_fn(model(*inputs).float(), labels)
-            accelerator.backward(loss)
+        for micro_batches in loader:
+            # -- forward and backward per micro-batch, then one optimizer (and schedule) step
+            loss_sum, rows = _accumulate(accelerator, model, micro_batches)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            total += loss.detach() * len(labels)
-            count += len(labels)
-            progress.update(len(labels) * world, loss=loss.item())
+            total += loss_sum
+            count += rows
+            progress.update(rows * world, loss=loss_sum.item() / rows)
 
         # -- log: mean training loss over all ranks, and validation accuracy when features are at hand
         scalars = {"epoch": epoch, "loss": float(accelerator.reduce(total, "sum")) / max(count * world, 1)}
+        if scheduler is not None:
+            scalars["lr"] = scheduler.get_last_lr()[-1]  # the head's lr for the next step: 0 after the last
         if validation is not None:
             model.eval()
             with torch.no_grad():
@@ -101,6 +120,43 @@ def fit(
     progress.close()
     torch.set_num_threads(threads)
     return unwrapped
+
+
+def _micro_batches(collate: Callable, size: int, items: list) -> list:
+    return [collate(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def _accumulate(accelerator: Accelerator, model: nn.Module, micro_batches: list) -> tuple[torch.Tensor, int]:
+    """Gradients of one process's batch, summed over its micro-batches; returns (the batch's summed
+    loss, its rows).
+
+    Each micro-batch's mean loss is weighted by its share of the batch's rows, so the gradient is
+    the batch's mean whatever the split (DDP then averages the equal-sized batches of the ranks).
+    Gradients are all-reduced once, with the last micro-batch. (Not accelerator.accumulate: its
+    end-of-dataloader rule would step after every micro-batch of an epoch's last batch.)"""
+    rows = sum(len(labels) for *_, labels in micro_batches)
+    total = torch.zeros((), device=accelerator.device)
+    for i, (*inputs, labels) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with accelerator.autocast():  # bf16 where accelerate_config.yaml asks for it; a no-op on CPU
+                logits = model(*inputs)
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+            accelerator.backward(loss * (len(labels) / rows))
+        total += loss.detach() * len(labels)
+    return total, rows
+
+
+def _optimizer(model: nn.Module, lr: float, encoder_lr: Optional[float]) -> torch.optim.Optimizer:
+    """A frozen encoder's head: AdamW on its parameters as they are (the published frozen results).
+    Fine-tuning: AdamW without decay on biases and LayerNorm weights (as mlm), `encoder_lr` for
+    the encoder's parameters and `lr` for the head's."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is None or not any(p.requires_grad for p in encoder.parameters()):
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    head = [p for name, p in model.named_parameters() if not name.startswith("encoder.")]
+    groups = decay_groups(encoder.parameters(), WEIGHT_DECAY, lr=encoder_lr or lr)
+    return adamw(groups + decay_groups(head, WEIGHT_DECAY, lr=lr), lr=lr)
 
 
 class Standardizer:

@@ -281,6 +281,23 @@ CASES = [
         None,
         r"head\.stride: must be between 1 and head\.max_length - 2 = 30 .* got 31$",
     ),
+    ("head", "warm-up of 1", [*HEAD, "head.warmup_ratio=1"], None, r"head\.warmup_ratio: must be .* below 1, got 1"),
+    ("head", "negative warm-up", [*HEAD, "head.warmup_ratio=-0.1"], None, r"head\.warmup_ratio: must be at least 0"),
+    ("head", "encoder lr of 0", [*HEAD, "head.encoder_lr=0"], None, r"head\.encoder_lr: must be above 0, got 0"),
+    (
+        "head",
+        "micro-batch of 0",
+        [*HEAD, "head.micro_batch_size=0"],
+        None,
+        r"head\.micro_batch_size: must be at least 1",
+    ),
+    (
+        "head",
+        "micro-batch not dividing the batch",
+        [*HEAD, "head.micro_batch_size=3"],
+        None,
+        r"head\.micro_batch_size: must divide head\.batch_size=8, got 3$",
+    ),
     ("head", "existing output", HEAD, write("head-pretrained/report.md", "x"), r"head-pretrained: output exists"),
     (
         "head",

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from medclf import classifier, features, head, runtime, training
+from medclf import classifier, features, head, optim, runtime, training
 from medclf.classifier import Classifier, Head
 from medclf.errors import MedclfError
 from tests.helpers import head_spec, make_small_run
@@ -324,6 +324,110 @@ def test_a_head_with_a_dev_fold_records_each_epoch_and_keeps_the_best(tmp_path, 
     assert (
         dev["fit_notes"] + dev["dev_notes"] == train["text_id"].nunique() and dev["fit_rows"] + dev["dev_rows"] == rows
     )
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+def _tiny_classifier(tiny_bert, frozen=False, max_windows=None):
+    runtime.seed_everything(0)  # the tiny BERT has no pooler weights: loading initialises them
+    encoder, tokenizer, _ = classifier.load_encoder(str(tiny_bert))
+    runtime.seed_everything(0)
+    model = Classifier(encoder, Head(32, 3, dropout=0.0), "mean", frozen=frozen, max_windows=max_windows)
+    return model, tokenizer
+
+
+def test_the_lr_warms_up_then_decays_linearly_to_zero_at_the_last_step():
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    schedule = optim.warmup_then_decay(optimizer, 0.2, 10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert lrs == pytest.approx([0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+    assert schedule.get_last_lr()[0] == 0.0
+
+    # fit schedules over all its steps: 5 batches x 2 epochs; the lr after the last step is 0
+    history: list[dict] = []
+    x, y = torch.randn(40, 8), torch.randint(0, 3, (40,))
+    training.fit(
+        runtime.make_accelerator(),
+        Head(8, 3),
+        TensorDataset(x, y),
+        **dict(epochs=2, batch_size=8, lr=1e-2, seed=0, warmup_ratio=0.1, history=history),
+    )
+    assert history[0]["lr"] == pytest.approx(1e-2 * 5 / 9) and history[1]["lr"] == 0.0
+
+
+def test_fine_tuning_gives_the_encoder_its_own_lr_and_spares_biases_and_layernorm_from_decay(tiny_bert):
+    model, _ = _tiny_classifier(tiny_bert)
+    groups = training._optimizer(model, lr=1e-3, encoder_lr=2e-5).param_groups
+    encoder = {id(p) for p in model.encoder.parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    for g in groups:
+        in_encoder = {id(p) in encoder for p in g["params"]}
+        assert len(in_encoder) == 1  # a group is all encoder or all head
+        assert g["lr"] == (2e-5 if in_encoder == {True} else 1e-3)
+        assert g["weight_decay"] == (0.0 if all(p.ndim < 2 for p in g["params"]) else training.WEIGHT_DECAY)
+        assert all(p.ndim < 2 for p in g["params"]) or all(p.ndim >= 2 for p in g["params"])
+    assert [g["lr"] for g in training._optimizer(model, 1e-3, None).param_groups] == [1e-3] * 4
+    # a frozen encoder's head keeps the optimizer it always had: one group, AdamW's defaults
+    frozen, _ = _tiny_classifier(tiny_bert, frozen=True)
+    (group,) = training._optimizer(frozen, 1e-3, 2e-5).param_groups
+    assert group["lr"] == 1e-3 and group["weight_decay"] == 0.01 and len(group["params"]) == 6
+
+
+def _fine_tuned_weights(tiny_bert, notes, y, **settings) -> dict:
+    model, tokenizer = _tiny_classifier(tiny_bert)
+    model.encoder.config.hidden_dropout_prob = 0.0
+    for module in model.modules():  # dropout 0: the split alone must not matter
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    windows = features.tokenize_windows(tokenizer, notes, classifier.Windows(32, cap=3))
+    dataset = training.Notes(windows, y, tokenizer.pad_token_id)
+    trained = training.fit(runtime.make_accelerator(), model, dataset, epochs=2, lr=1e-3, seed=1, **settings)
+    return {k: v.clone() for k, v in trained.state_dict().items()}
+
+
+@pytest.mark.parametrize("micro_batch_size", [4, 2])
+def test_accumulating_micro_batches_gives_the_weights_of_one_pass(tiny_bert, prepared, micro_batch_size):
+    df = pd.read_csv(prepared / "prepare" / "train.csv").iloc[
+        :22
+    ]  # batches of 8, 8, 6: the last splits unevenly (4 + 2)
+    notes, y = df["transcription"].tolist(), pd.factorize(df["medical_specialty"])[0] % 3
+    settings = dict(batch_size=8, encoder_lr=5e-4, warmup_ratio=0.1)
+    whole = _fine_tuned_weights(tiny_bert, notes, y, **settings)
+    split = _fine_tuned_weights(tiny_bert, notes, y, micro_batch_size=micro_batch_size, **settings)
+    start, _ = _tiny_classifier(tiny_bert)
+    assert not torch.equal(whole["head.layers.0.weight"], start.state_dict()["head.layers.0.weight"])
+    assert not torch.equal(
+        whole["encoder.encoder.layer.0.attention.self.query.weight"],
+        start.state_dict()["encoder.encoder.layer.0.attention.self.query.weight"],
+    )
+    for k, v in whole.items():
+        assert torch.allclose(split[k], v, atol=1e-6, rtol=0), k
+
+
+def test_a_batch_through_the_encoder_in_chunks_gives_the_logits_and_gradients_of_one_pass(tiny_bert):
+    long = "the patient reports chest pain radiating to the left arm with nausea and sweating " * 4
+    results = []
+    for max_windows in (None, 3):
+        model, tokenizer = _tiny_classifier(tiny_bert, max_windows=max_windows)
+        model.eval()  # no dropout: the two passes see the same network; gradients still flow
+        pieces = features.tokenize_windows(tokenizer, [long, "left knee pain", long[:200]], classifier.Windows(24))
+        batch = training.Notes(pieces, torch.tensor([0, 1, 2]).numpy(), tokenizer.pad_token_id)
+        *inputs, labels = batch.collate([batch[0], batch[1], batch[2]])
+        assert len(inputs[0]) > 6  # more windows than two chunks
+        logits = model(*inputs)
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), grads))
+    (logits, grads), (chunked_logits, chunked_grads) = results
+    assert torch.allclose(chunked_logits, logits, atol=1e-5)
+    assert grads.keys() == chunked_grads.keys() and "encoder.embeddings.word_embeddings.weight" in grads
+    for name, g in grads.items():
+        assert torch.allclose(chunked_grads[name], g, atol=1e-6), name
 
 
 def test_standardized_training_folds_into_the_first_layer():
