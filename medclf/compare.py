@@ -22,7 +22,7 @@ import torch
 from scipy import stats
 from torch.utils.data import TensorDataset
 
-from medclf import baseline, data, features, layout, models, report, runtime, storage
+from medclf import baseline, data, features, jobrecord, layout, models, report, runtime, storage
 from medclf.classifier import Classifier, Head, check_max_length, encoder_reference, fingerprint, load_encoder
 from medclf.config import RunSpec, required
 from medclf.training import Standardizer, fit, probabilities
@@ -32,8 +32,12 @@ log = logging.getLogger(__name__)
 
 def run(spec: RunSpec) -> None:
     cfg, head_cfg, paths = spec.compare, spec.head, layout.Run.of(spec)
-    storage.check_output(paths.comparison_md, spec.overwrite)
+    storage.check_writable(paths.comparison_md)
     refs = [encoder_reference(spec, e) for e in cfg.encoders]  # fails early if the adapted model is missing
+    accelerator = runtime.make_accelerator()
+    record = job_record(spec, refs)
+    if jobrecord.up_to_date(record, spec.overwrite, accelerator):
+        return
     wheres = [models.resolve(ref) for ref in refs]  # each folder verified (hashed) once, here
     for ref, where in zip(refs, wheres, strict=True):  # both checked before either is run: a bad second leaves nothing
         check_max_length(head_cfg.max_length, where, ref, "head.max_length")
@@ -41,7 +45,6 @@ def run(spec: RunSpec) -> None:
     # -- data
     classes, train, validation = data.read_splits(paths.out, head_cfg.train, head_cfg.validation)
     label_sets = report.note_labels(paths.out, validation[1])
-    accelerator = runtime.make_accelerator()
 
     # -- per encoder: features (cached), then one head per seed
     seeds = [spec.seed + i for i in range(cfg.seeds)]
@@ -65,8 +68,23 @@ def run(spec: RunSpec) -> None:
     if accelerator.is_main_process:
         storage.write_json(paths.comparison_json, summary)
         storage.write_text(paths.comparison_md, comparison_markdown(summary))
+        jobrecord.write(record)
         log.info("wrote %s: %s", paths.comparison_md, summary["verdict"])
     accelerator.wait_for_everyone()
+
+
+def job_record(spec: RunSpec, refs: list[str]) -> jobrecord.Record:
+    """What makes the comparison: the recorded keys, the splits and both encoders."""
+    paths = layout.Run.of(spec)
+    inputs = jobrecord.split_inputs(
+        paths.out, [spec.head.train or paths.prepared_train, spec.head.validation or paths.prepared_validation]
+    )
+    for keyword, ref in zip(spec.compare.encoders, refs, strict=True):
+        inputs[f"encoder {keyword}"] = jobrecord.model_fingerprint(ref)
+    outputs = [paths.comparison_md, paths.comparison_json]
+    return jobrecord.Record(
+        "compare", paths.comparison_record, jobrecord.keys("compare", spec), inputs, outputs, outputs
+    )
 
 
 def _features(spec: RunSpec, accelerator, ref: str, where: str, num_classes: int, train, validation):

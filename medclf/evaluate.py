@@ -20,7 +20,7 @@ import logging
 
 import torch
 
-from medclf import baseline, classifier, data, features, layout, report, runtime, storage
+from medclf import baseline, classifier, data, features, jobrecord, layout, report, runtime, storage
 from medclf.config import RunSpec
 from medclf.errors import MedclfError
 
@@ -36,7 +36,7 @@ def run(spec: RunSpec) -> None:
     model_url = paths.head_model(cfg.model) if by_name else cfg.model
     name = cfg.model if by_name else cfg.model.rstrip("/").removesuffix("/model").rsplit("/", 1)[-1]
     out = paths.evaluation(name)
-    storage.check_output(out, spec.overwrite)
+    storage.check_writable(out)
 
     # -- the classifier and the data, checked against each other before any encoding
     info = classifier.read_info(model_url)
@@ -49,6 +49,13 @@ def run(spec: RunSpec) -> None:
         )
     df, y = data.read_labeled(data_url, info.classes)
     accelerator = runtime.make_accelerator()
+    inputs = {"evaluate.model": jobrecord.folder_fingerprint(model_url, "classifier")}
+    inputs |= jobrecord.split_inputs(paths.out, [data_url])
+    record = jobrecord.Record(
+        "evaluate", paths.evaluation_record(name), jobrecord.keys("evaluate", spec), inputs, [out], [out]
+    )
+    if jobrecord.up_to_date(record, spec.overwrite, accelerator):
+        return
     model, tokenizer, info = classifier.load(model_url, info)  # its folder verified once, above
 
     # -- predictions: a frozen encoder's features come from (and go to) the run's feature cache
@@ -80,6 +87,7 @@ def run(spec: RunSpec) -> None:
             report.note_labels(paths.out, df),
             about={"model": model_url, "data": data_url},
         )
+        jobrecord.write(record)
     accelerator.wait_for_everyone()
 
 
@@ -87,10 +95,16 @@ def run_baseline(spec: RunSpec) -> None:
     """The TF-IDF baseline fitted on the training split, scored on evaluate.data (default: validation)."""
     paths = layout.Run.of(spec)
     out = paths.evaluation(baseline.NAME)
-    storage.check_output(out, spec.overwrite)
+    storage.check_writable(out)
     data_url = spec.evaluate.data or paths.prepared_validation
     classes = data.read_labels(paths.labels)
     train_url = spec.head.train or paths.prepared_train
+    inputs = jobrecord.split_inputs(paths.out, [train_url, data_url])
+    record = jobrecord.Record(
+        "evaluate", paths.evaluation_record(baseline.NAME), jobrecord.keys("evaluate", spec), inputs, [out], [out]
+    )
+    if jobrecord.up_to_date(record, spec.overwrite):
+        return
     train_df, train_y = data.read_labeled(train_url, classes)
     df, y = data.read_labeled(data_url, classes)
     predicted = baseline.fit_predict(train_df[data.TEXT].tolist(), train_y, df[data.TEXT].tolist())
@@ -103,3 +117,4 @@ def run_baseline(spec: RunSpec) -> None:
         report.note_labels(paths.out, df),
         about={"model": baseline.DESCRIPTION, "train": train_url, "data": data_url},
     )
+    jobrecord.write(record)

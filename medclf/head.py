@@ -19,7 +19,7 @@ import torch
 from sklearn.metrics import f1_score
 from torch.utils.data import TensorDataset
 
-from medclf import config, data, features, layout, report, runtime, storage
+from medclf import config, data, features, jobrecord, layout, report, runtime, storage
 from medclf.classifier import (
     Classifier,
     ClassifierInfo,
@@ -45,7 +45,7 @@ def run(spec: RunSpec) -> None:
     cfg, paths = spec.head, layout.Run.of(spec)
     name = cfg.name or head_name(cfg.encoder)
     out = paths.head(name)
-    storage.check_output(out, spec.overwrite)
+    storage.check_writable(out)
 
     # -- data: the prepared splits and their classes; every check before any model work
     classes, train, validation = data.read_splits(paths.out, cfg.train, cfg.validation)
@@ -55,6 +55,13 @@ def run(spec: RunSpec) -> None:
     # -- encoder and classifier (the head is seeded after the encoder: loading may draw random numbers)
     accelerator = runtime.make_accelerator()
     ref = encoder_reference(spec, cfg.encoder)
+    inputs = jobrecord.split_inputs(
+        paths.out, [cfg.train or paths.prepared_train, cfg.validation or paths.prepared_validation]
+    )
+    inputs["head.encoder"] = jobrecord.model_fingerprint(ref)
+    record = jobrecord.Record("head", paths.head_record(name), jobrecord.keys("head", spec), inputs, [out], [out])
+    if jobrecord.up_to_date(record, spec.overwrite, accelerator):
+        return
     encoder, tokenizer, where = load_encoder(ref)
     check_max_length(cfg.max_length, where, ref, "head.max_length")
     runtime.seed_everything(seed)
@@ -102,6 +109,7 @@ def run(spec: RunSpec) -> None:
             report.note_labels(paths.out, validation_df),
             about={"encoder": ref, "seed": seed, "freeze": cfg.freeze, **dev_about(cfg, train, dev, history)},
         )
+        jobrecord.write(record)
     accelerator.wait_for_everyone()
 
 

@@ -9,6 +9,9 @@
 <out>/head-<name>/                  a head: model/, metrics.json, report.md, confusion.png, spec.yaml
 <out>/evaluate/<name>/              an evaluate job's report
 <out>/comparison.{md,json}          the compare job
+<folder>/job.json                   what made a job's outputs, written last (medclf/jobrecord.py):
+                                    prepare/, mlm/, head-<name>/, evaluate/<name>/; compare's is
+                                    <out>/comparison.job.json, predict's <output>.job.json
 """
 
 from __future__ import annotations
@@ -17,6 +20,13 @@ from dataclasses import dataclass
 
 from medclf import storage
 from medclf.config import RunSpec, required
+
+RECORD = "job.json"
+
+
+def predictions_record(output: str) -> str:
+    """The predict job's record, beside the CSV it wrote."""
+    return f"{output}.job.json"
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,10 @@ class Run:
         return self._at("prepare", "stats.json")
 
     @property
+    def prepare_record(self) -> str:
+        return self._at("prepare", RECORD)
+
+    @property
     def cache(self) -> str:
         return self._at("cache")
 
@@ -78,6 +92,10 @@ class Run:
         return self._at("mlm", "trackers")
 
     @property
+    def mlm_record(self) -> str:
+        return self._at("mlm", RECORD)
+
+    @property
     def features(self) -> str:
         return self._at("features")
 
@@ -87,8 +105,14 @@ class Run:
     def head_model(self, name: str) -> str:
         return self._at(f"head-{name}", "model")
 
+    def head_record(self, name: str) -> str:
+        return self._at(f"head-{name}", RECORD)
+
     def evaluation(self, name: str) -> str:
         return self._at("evaluate", name)
+
+    def evaluation_record(self, name: str) -> str:
+        return self._at("evaluate", name, RECORD)
 
     @property
     def comparison_md(self) -> str:
@@ -97,3 +121,7 @@ class Run:
     @property
     def comparison_json(self) -> str:
         return self._at("comparison.json")
+
+    @property
+    def comparison_record(self) -> str:
+        return self._at("comparison.job.json")

@@ -29,7 +29,7 @@ from accelerate.utils import broadcast
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 from transformers.modeling_utils import PreTrainedModel
 
-from medclf import checkpoint, config, data, layout, manifest, models, runtime, storage
+from medclf import checkpoint, config, data, jobrecord, layout, manifest, models, runtime, storage
 from medclf.config import RunSpec
 from medclf.errors import MedclfError, Preempted
 from medclf.masking import IGNORE, Masker, epoch_order, pack, token_stream
@@ -141,6 +141,9 @@ def _run(spec: RunSpec, stop: runtime.StopSignal) -> None:
     cfg, paths = spec.mlm, layout.Run.of(spec)
     model_path, model_config = check_inputs(spec)
     accelerator, accumulation = start_accelerator(spec)
+    record = job_record(spec)
+    if jobrecord.up_to_date(record, spec.overwrite, accelerator):
+        return
     resume_url = choose_resume(spec, accelerator)
     blocks = load_blocks(spec, model_path, model_config, accelerator, accumulation)
     t = build_training(cfg, model_path, accelerator, accumulation, blocks.total_steps)
@@ -155,6 +158,7 @@ def _run(spec: RunSpec, stop: runtime.StopSignal) -> None:
     log.info("validation after: loss %.4f, perplexity %.2f", *_loss_ppl(val_after))
     if accelerator.is_main_process:
         publish(spec, t, blocks, state, val_after)
+        jobrecord.write(record)
         log.info("wrote %s and %s", paths.mlm_model, paths.mlm_metrics)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -173,9 +177,19 @@ def check_inputs(spec: RunSpec) -> tuple[str, Any]:
     limit = model_config.max_position_embeddings - offset
     if cfg.max_length > limit:
         raise MedclfError(f"mlm.max_length: {cfg.max_length} is above what {cfg.model} accepts ({limit} positions)")
-    if manifest.exists(paths.mlm_model) and not spec.overwrite:
-        raise MedclfError(f"{paths.mlm_model}: output exists; set overwrite=true to replace it")
     return model_path, model_config
+
+
+def job_record(spec: RunSpec) -> jobrecord.Record:
+    """What makes the adapted model: the recorded keys, the texts and the starting model. Checkpoints
+    without a record are an interrupted run (resume=auto continues it); a model without one is refused."""
+    cfg, paths = spec.mlm, layout.Run.of(spec)
+    texts = [cfg.train or paths.prepared_train, cfg.validation or paths.prepared_validation, *cfg.extra_text]
+    inputs = {jobrecord.shown(paths.out, url): jobrecord.file_fingerprint(url) for url in texts}
+    inputs["mlm.model"] = jobrecord.model_fingerprint(cfg.model)
+    return jobrecord.Record(
+        "mlm", paths.mlm_record, jobrecord.keys("mlm", spec), inputs, [paths.mlm], [paths.mlm_model]
+    )
 
 
 def start_accelerator(spec: RunSpec) -> tuple[Any, int]:

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medclf import classifier, features, runtime, storage
+from medclf import classifier, features, jobrecord, layout, runtime, storage
 from medclf.config import RunSpec, required
 from medclf.errors import MedclfError
 
@@ -32,9 +32,16 @@ def run(spec: RunSpec) -> None:
     cfg = spec.predict
     model_url, input_url = required(cfg.model, "predict.model"), required(cfg.input, "predict.input")
     output_url = required(cfg.output, "predict.output")
-    storage.check_output(output_url, spec.overwrite)
+    storage.check_writable(output_url)
     accelerator = runtime.make_accelerator()
-    model, tokenizer, info = classifier.load(model_url)
+    info = classifier.read_info(model_url)  # every file verified against the manifest
+    inputs = {"predict.model": jobrecord.folder_fingerprint(model_url, "classifier")}
+    inputs["predict.input"] = jobrecord.file_fingerprint(input_url)
+    record_url, outputs = layout.predictions_record(output_url), [output_url]
+    record = jobrecord.Record("predict", record_url, jobrecord.keys("predict", spec), inputs, outputs, outputs)
+    if jobrecord.up_to_date(record, spec.overwrite, accelerator):
+        return
+    model, tokenizer, info = classifier.load(model_url, info)
     model.to(accelerator.device)
 
     started, rows = time.perf_counter(), 0
@@ -63,6 +70,8 @@ def run(spec: RunSpec) -> None:
             log.info("%d rows classified, %.1f notes/s", rows, rows / (time.perf_counter() - started))
         if rows == 0:
             raise MedclfError(f"{cfg.input}: no rows to classify")
+    if accelerator.is_main_process:
+        jobrecord.write(record)
     accelerator.wait_for_everyone()
     log.info("wrote %s: %d rows", cfg.output, rows)
 

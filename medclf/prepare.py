@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import logging
 
-from medclf import data, layout, storage
+from medclf import data, jobrecord, layout, storage
 from medclf.config import RunSpec, required
 from medclf.errors import MedclfError
 
@@ -20,7 +20,11 @@ COLUMNS = ["text_id", "source_row", data.SPECIALTY, "original_specialty", data.T
 def run(spec: RunSpec) -> None:
     cfg, paths = spec.prepare, layout.Run.of(spec)
     out = paths.prepare
-    storage.check_output(out, spec.overwrite)
+    storage.check_writable(out)
+    inputs = {"prepare.input": jobrecord.file_fingerprint(required(cfg.input, "prepare.input"))}
+    record = jobrecord.Record("prepare", paths.prepare_record, jobrecord.keys("prepare", spec), inputs, [out], [out])
+    if jobrecord.up_to_date(record, spec.overwrite):
+        return
 
     # -- read and check: nothing is written until every check has passed
     raw = data.read_table(required(cfg.input, "prepare.input"), [data.SPECIALTY, data.TEXT])
@@ -66,15 +70,14 @@ def run(spec: RunSpec) -> None:
         **data.split_stats(train, validation, classes),
     }
 
-    # -- write: stats.json last, so its presence means the folder is complete
-    if spec.overwrite:
-        storage.remove(out)
+    # -- write: the record last, so its presence means the folder is complete
     for url, part in ((paths.prepared_train, train), (paths.prepared_validation, validation)):
         buffer = io.BytesIO()
         part[COLUMNS].to_csv(buffer, index=False, encoding="utf-8")
         storage.write_bytes(url, buffer.getvalue())
     storage.write_json(paths.labels, {"classes": classes, "mapping": mapping})
     storage.write_json(paths.prepared_stats, stats)
+    jobrecord.write(record)
     log.info(
         "wrote %s: %d train / %d validation rows, %d classes, %d texts on both sides",
         out,

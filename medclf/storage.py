@@ -329,19 +329,6 @@ def remove(url: str) -> None:
             fs.rm(path)
 
 
-def check_output(url: str, overwrite: bool) -> None:
-    """Refuse to replace an existing output unless asked to: the first check of every job that writes.
-
-    It also finds a missing bucket or wrong credentials before any work is done, not at the first save.
-    """
-    check_writable(url)
-    if overwrite or not exists(url):
-        return
-    if is_local(url) and os.path.isdir(local_path(url)) and not os.listdir(local_path(url)):
-        return  # an empty folder made ahead of time is not an output
-    raise MedclfError(f"{url}: output exists; set overwrite=true to replace it")
-
-
 def check_writable(url: str) -> None:
     """Fail before any work when `url` cannot be written: a missing bucket, or a local path whose
     nearest existing folder is a file or not writable (instead of failing at the first save)."""

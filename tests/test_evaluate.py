@@ -10,7 +10,7 @@ import pytest
 
 from medclf import config, evaluate, head, report
 from medclf.errors import MedclfError
-from tests.helpers import head_spec, make_small_run
+from tests.helpers import head_spec, make_small_run, tree
 
 CLASSES = ["a", "b", "c"]
 Y_TRUE = np.array([0, 0, 0, 1, 1, 2])
@@ -68,8 +68,15 @@ def test_evaluate_job_reuses_the_cached_features_and_agrees_with_the_head_report
     for key in report.HEADLINE:
         assert ours[key] == pytest.approx(heads[key])
     assert len(list((trained / "features").iterdir())) == 2  # nothing new was encoded
-    with pytest.raises(MedclfError, match="output exists"):
-        evaluate.run(spec)
+    before = tree(trained / "evaluate")
+    evaluate.run(config.load("evaluate", None, [f"out={trained}", "model=pretrained", "batch_size=7"]))  # up to date
+    assert tree(trained / "evaluate") == before
+    data = trained / "other.csv"
+    data.write_bytes((trained / "prepare" / "validation.csv").read_bytes())
+    with pytest.raises(
+        MedclfError, match=r"pretrained/job.json: input other.csv: new; overwrite=true starts evaluate over"
+    ):
+        evaluate.run(config.load("evaluate", None, [f"out={trained}", "model=pretrained", f"data={data}"]))
 
 
 @pytest.mark.slow

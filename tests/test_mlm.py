@@ -17,7 +17,7 @@ import torch
 from medclf import checkpoint, config, mlm
 from medclf.errors import EXIT_PREEMPTED, MedclfError
 from medclf.masking import IGNORE, Masker, epoch_order, pack, token_stream
-from tests.helpers import REPO, TINY_MLM_ARGS, assert_same_weights, make_mlm_run, mlm_spec, weights
+from tests.helpers import REPO, TINY_MLM_ARGS, assert_same_weights, make_mlm_run, mlm_spec, tree, weights
 
 # ---------------------------------------------------------------- the loss
 
@@ -130,13 +130,21 @@ def test_the_adapted_model_loads_and_the_output_is_not_replaced(tiny_bert, mtsam
     assert json.loads((folder / "manifest.json").read_text())["files"]["model.safetensors"]["size"] > 0
     AutoModelForMaskedLM.from_pretrained(folder)
     AutoTokenizer.from_pretrained(folder)
-    with pytest.raises(MedclfError, match="output exists"):
+    before = tree(out)
+    mlm.run(mlm_spec(out, tiny_bert, "max_steps=2", "log_every=5", "resume=never"))  # up to date: nothing rewritten
+    assert tree(out) == before and (out / "mlm" / "job.json").exists()
+    with pytest.raises(MedclfError, match=r"mlm.max_steps: 2 there, 3 now; overwrite=true starts mlm over"):
+        mlm.run(mlm_spec(out, tiny_bert, "max_steps=3"))
+    (out / "mlm" / "job.json").unlink()  # a model from an older run, or one whose record was lost
+    with pytest.raises(MedclfError, match=r"mlm/model: output exists without job.json"):
         mlm.run(mlm_spec(out, tiny_bert, "max_steps=2"))
     shutil.rmtree(folder)
     with pytest.raises(MedclfError, match="checkpoints exist"):
         mlm.run(mlm_spec(out, tiny_bert, "max_steps=2", "resume=never"))
     mlm.run(mlm_spec(out, tiny_bert, "max_steps=1", "resume=never", "overwrite=true"))
     assert checkpoint.list_steps(str(out / "mlm" / "checkpoints")) == [1]
+    mlm.run(mlm_spec(out, tiny_bert, "max_steps=2", "overwrite=true"))  # differs: checkpoints discarded, not resumed
+    assert checkpoint.list_steps(str(out / "mlm" / "checkpoints")) == [2]
 
 
 def test_inputs_are_checked_before_training(tiny_bert, mtsamples, tmp_path):

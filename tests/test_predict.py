@@ -77,8 +77,11 @@ def test_predict_bad_input(model_dir, notes, tmp_path):
     with pytest.raises(MedclfError, match=r"notes.csv: missing column transcription"):
         run()
     run("text_column=text")  # the column named in the spec is the one read
-    with pytest.raises(MedclfError, match=r"pred.csv: output exists"):
-        run("text_column=text")
+    before = target.stat().st_mtime_ns, target.read_bytes()
+    run("text_column=text", "chunk_rows=3")  # up to date: chunk_rows changes speed only
+    assert (target.stat().st_mtime_ns, target.read_bytes()) == before
+    with pytest.raises(MedclfError, match=r"predict.text_column: text there, transcription now; overwrite=true"):
+        run()
 
     blank = notes.copy()
     blank.loc[6, "transcription"] = "  "

@@ -78,7 +78,13 @@ def test_memory_urls_in_and_out(mtsamples):
     storage.write_bytes(f"{root}/raw/mtsamples.csv", mtsamples.read_bytes())
     train, validation, stats = run_prepare(f"{root}/run", f"{root}/raw/mtsamples.csv", "prepare.sample_notes=200")
     assert len(train) + len(validation) == stats["rows_kept"]
-    assert storage.listdir(f"{root}/run/prepare") == ["labels.json", "stats.json", "train.csv", "validation.csv"]
+    assert storage.listdir(f"{root}/run/prepare") == [
+        "job.json",
+        "labels.json",
+        "stats.json",
+        "train.csv",
+        "validation.csv",
+    ]
 
 
 # ---------------------------------------------------------------- bad input: exit 2, one line, nothing written
@@ -109,7 +115,7 @@ def write_csv(path, frame):
         ("missing column", "raw.csv: missing column(s) transcription"),
         ("not utf-8", "raw.csv: not UTF-8 (bad byte 0xe9 on line 2)"),
         ("class left empty", "class(es) Nothing have no rows"),
-        ("output exists", "output exists; set overwrite=true"),
+        ("output exists", "output exists without job.json (an interrupted or older run); overwrite=true starts"),
         ("unknown key", "prepare.splt: unknown key"),
     ],
 )
@@ -162,6 +168,7 @@ def test_overwrite_replaces(tmp_path, tiny_raw):
     (tmp_path / "run" / "prepare" / "stale.txt").write_text("old")
     prepare.run(config.load("prepare", None, [f"out={tmp_path / 'run'}", f"input={raw}", "overwrite=true"]))
     assert sorted(p.name for p in (tmp_path / "run" / "prepare").iterdir()) == [
+        "job.json",
         "labels.json",
         "stats.json",
         "train.csv",

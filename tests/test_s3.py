@@ -61,11 +61,21 @@ def test_prepare_reads_and_writes_s3(s3, mtsamples, prepared):
     raw = upload_raw(s3, mtsamples)
     prepare.run(config.load("prepare", None, [f"out={s3.url}/run", f"prepare.input={raw}", *s3.overrides]))
 
-    assert s3.keys("run/") == [f"run/prepare/{n}" for n in ("labels.json", "stats.json", "train.csv", "validation.csv")]
+    written = ("job.json", "labels.json", "stats.json", "train.csv", "validation.csv")
+    assert s3.keys("run/") == [f"run/prepare/{n}" for n in written]
     for name in ("train.csv", "validation.csv", "labels.json"):  # the same bytes as the local run
         assert storage.read_bytes(f"{s3.url}/run/prepare/{name}") == (prepared / "prepare" / name).read_bytes()
-    with pytest.raises(MedclfError, match="output exists; set overwrite=true"):
-        prepare.run(config.load("prepare", None, [f"out={s3.url}/run", f"prepare.input={raw}"]))
+    before = {k: storage.read_bytes(f"{s3.url}/{k}") for k in s3.keys("run/")}
+    prepare.run(
+        config.load("prepare", None, [f"out={s3.url}/run", f"prepare.input={raw}", *s3.overrides])
+    )  # up to date
+    assert {k: storage.read_bytes(f"{s3.url}/{k}") for k in s3.keys("run/")} == before
+    with pytest.raises(MedclfError, match="prepare.split: grouped there, random now; overwrite=true starts prepare"):
+        prepare.run(
+            config.load(
+                "prepare", None, [f"out={s3.url}/run", f"prepare.input={raw}", "prepare.split=random", *s3.overrides]
+            )
+        )
 
 
 @pytest.mark.slow

@@ -80,17 +80,6 @@ def test_unwritable_output_is_one_line(tmp_path):
         storage.write_text(str(blocker / "under-a-file.txt"), "x")
 
 
-def test_check_output(tmp_path):
-    storage.check_output(str(tmp_path / "absent"), overwrite=False)
-    (tmp_path / "empty").mkdir()
-    storage.check_output(str(tmp_path / "empty"), overwrite=False)
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "x").write_text("x")
-    with pytest.raises(MedclfError, match="output exists; set overwrite=true"):
-        storage.check_output(str(tmp_path / "full"), overwrite=False)
-    storage.check_output(str(tmp_path / "full"), overwrite=True)
-
-
 def test_folder_upload_and_download(tmp_path, mem):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
