@@ -22,6 +22,7 @@ JOBS = {
     "evaluate": ("medclf.evaluate", "metrics, per-class report and confusion matrix of a classifier"),
     "compare": ("medclf.compare", "adapted vs out-of-the-box encoder: heads over several seeds, statistics"),
     "predict": ("medclf.predict", "classify new notes in batch (--model URL --input CSV --output CSV)"),
+    "run": ("medclf.pipeline", "the whole experiment: prepare, mlm, both heads, compare; up-to-date stages skipped"),
 }
 
 USAGE = "usage: medclf JOB [SPEC.yaml] [key=value ...] [--key value ...]"

@@ -237,7 +237,9 @@ class PredictSpec:
 @dataclass
 class RunSpec:
     out: Optional[str] = opt(None, "output URL of the run (local path, file://, s3://, memory://)")
-    overwrite: bool = opt(False, "replace outputs that already exist")
+    overwrite: bool = opt(
+        False, "start a job over when its outputs were made with other settings or inputs (up-to-date ones stay)"
+    )
     seed: int = opt(42, "seed for splits, initialisation, masking and data order")
     storage: StorageSpec = opt(None, "storage options")
     prepare: PrepareSpec = opt(None, "the prepare job")
@@ -261,12 +263,13 @@ REQUIRED = {
     "evaluate": ["out"],
     "compare": ["out"],
     "predict": ["predict.model", "predict.input", "predict.output"],
+    "run": ["out", "prepare.input"],
 }
 
 
 # The sections each job reads (besides the top level and storage): their ranges are checked.
 SECTIONS = {"prepare": ["prepare"], "mlm": ["mlm"], "head": ["head"], "evaluate": ["evaluate"]}
-SECTIONS |= {"compare": ["compare", "head"], "predict": ["predict"]}
+SECTIONS |= {"compare": ["compare", "head"], "predict": ["predict"], "run": ["prepare", "mlm", "head", "compare"]}
 
 T = TypeVar("T")
 
@@ -290,7 +293,7 @@ def range_problems(job: str, spec: RunSpec) -> list[str]:
     for name in SECTIONS.get(job, []):
         section = getattr(spec, name)
         found += section.problems() if hasattr(section, "problems") else []
-    if job == "compare" and spec.head.freeze is not True:
+    if job in ("compare", "run") and spec.head.freeze is not True:
         found.append("head.freeze: compare uses cached features of frozen encoders; set head.freeze=true")
     return found
 
@@ -460,7 +463,7 @@ def describe(job: Optional[str] = None) -> str:
     for f in dataclasses.fields(RunSpec):
         tp = _hints(RunSpec)[f.name]
         if dataclasses.is_dataclass(tp):
-            if job is None or f.name in (job, "storage"):
+            if job is None or f.name in (*(SECTIONS["run"] if job == "run" else [job]), "storage"):
                 lines.append(f"  {f.name}:  ({f.metadata['help']})")
                 for g in dataclasses.fields(tp):
                     lines.append(_describe_field(f"{f.name}.{g.name}", g))
