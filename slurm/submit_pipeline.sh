@@ -7,7 +7,9 @@
 #   slurm/submit_pipeline.sh jobs/mtsamples.yaml [key=value ...]      # from the repository root
 #
 # Every job gets the same spec and overrides; a failed job cancels nothing by itself, its
-# dependants stay pending with reason DependencyNeverSatisfied (scancel them). Environment:
+# dependants stay pending with reason DependencyNeverSatisfied (scancel them). The chain submitted
+# again completes: a finished job finds its job.json, logs "up to date" and exits 0 (medclf run
+# is the same chain in one process). Environment:
 #   SBATCH_ACCOUNT, SBATCH_PARTITION   read by sbatch itself (account/partition of every job)
 #   GPUS_PER_NODE=8    GPUs (processes) per node for mlm; heads and compare use one GPU
 #   MLM_NODES=1        nodes for mlm (more: slurm/multi_node.sbatch)
