@@ -39,8 +39,8 @@ def run(spec: RunSpec) -> None:
             if stop.requested(accelerator):
                 raise Preempted(f"stopped after {name}; `medclf run` again goes on from there")
     if accelerator.is_main_process:
-        print(storage.read_json(layout.Run(spec.out).comparison_json)["verdict"])
-        print(layout.Run(spec.out).comparison_md)
+        print(storage.read_json(layout.Run.of(spec).comparison_json)["verdict"])
+        print(layout.Run.of(spec).comparison_md)
 
 
 def stages(spec: RunSpec) -> list[tuple[str, types.ModuleType, RunSpec]]:
