@@ -73,6 +73,10 @@ def test_required_per_job():
         config.load("prepare", "out: o", [])
     spec = config.load("predict", None, ["model=m", "input=i.csv", "output=o.csv"])
     assert spec.predict.model == "m" and spec.out is None
+    with pytest.raises(MedclfError, match="prepare.input: required for run"):
+        config.load("run", "out: o", [])
+    with pytest.raises(MedclfError, match="head.freeze: compare uses cached features"):
+        config.load("run", "out: o\nprepare: {input: x.csv}", ["head.freeze=false"])
 
 
 def test_invalid_yaml_is_one_line():
@@ -81,7 +85,7 @@ def test_invalid_yaml_is_one_line():
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
-@pytest.mark.parametrize("job", ["prepare", "mlm", "head", "evaluate", "compare"])
+@pytest.mark.parametrize("job", ["prepare", "mlm", "head", "evaluate", "compare", "run"])
 def test_every_shipped_spec_validates(path, job):
     config.load(job, path.read_text(), [], source=str(path))
 
