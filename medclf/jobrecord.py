@@ -199,6 +199,8 @@ def up_to_date(record: Record, overwrite: bool, accelerator: Any = None) -> bool
                 f"{found[0]}: output exists without {os.path.basename(record.url)} (an interrupted or older run); "
                 f"overwrite=true starts {record.job} over"
             )
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # every process has read the record before any of it goes
     if accelerator is None or accelerator.is_main_process:
         log.info("%s: overwrite=true: removing %s", record.job, ", ".join([record.url, *record.outputs]))
         for url in [record.url, *record.outputs]:
