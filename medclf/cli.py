@@ -49,6 +49,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         spec = config.load(job, text, overrides, source=spec_url or "command line")
         storage.configure(spec.storage)
         importlib.import_module(JOBS[job][0]).run(spec)
+        _end_process_group()
     except MedclfError as e:
         _fail(f"medclf {job}", str(e))
     except Preempted as e:
@@ -78,6 +79,15 @@ def _split_args(args: list[str]) -> tuple[Optional[str], list[str]]:
             raise MedclfError(f"unexpected argument {arg!r} (one spec file, then key=value overrides)")
         i += 1
     return spec_url, overrides
+
+
+def _end_process_group() -> None:
+    """A distributed run's process group, ended once the job is done (by the CLI, not by each job:
+    `medclf run` runs several jobs in one process group)."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _setup_logging() -> None:

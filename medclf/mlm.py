@@ -161,7 +161,8 @@ def _run(spec: RunSpec, stop: runtime.StopSignal) -> None:
         jobrecord.write(record)
         log.info("wrote %s and %s", paths.mlm_model, paths.mlm_metrics)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): it ends the process group, which
+        tracker.finish()  # `medclf run`'s next stages still use (the CLI ends it on the way out)
 
 
 def check_inputs(spec: RunSpec) -> tuple[str, Any]:
