@@ -197,6 +197,11 @@ def submitted(cluster, spec, prepared_run, runs_dir) -> dict:
     two_nodes = new_run(prepared_run, runs_dir / "2x1")
     two_nodes_job = submit_mlm(cluster, "multi_node.sbatch", two_nodes, spec, nodes=2, procs=1)
     out = runs_dir / "pipeline"
+    return {"2x1": (two_nodes, two_nodes_job), "pipeline": (out, submit_pipeline(cluster, spec, out))}
+
+
+def submit_pipeline(cluster: Cluster, spec: pathlib.Path, out: pathlib.Path) -> dict[str, str]:
+    """slurm/submit_pipeline.sh with mlm on one node × 2 processes: {job name: id}."""
     done = subprocess.run(
         ["bash", str(SLURM / "submit_pipeline.sh"), str(spec)],
         cwd=REPO,
@@ -209,7 +214,7 @@ def submitted(cluster, spec, prepared_run, runs_dir) -> dict:
     assert done.returncode == 0, done.stderr
     jobs = dict(line.split() for line in done.stdout.splitlines())
     assert list(jobs) == ["prepare", "mlm", "head-pretrained", "head-adapted", "compare"]
-    return {"2x1": (two_nodes, two_nodes_job), "pipeline": (out, jobs)}
+    return jobs
 
 
 def two_process_run(cluster: Cluster, submitted: dict) -> pathlib.Path:
@@ -306,6 +311,17 @@ def test_pipeline_chain_runs_in_dependency_order_and_writes_the_comparison(clust
         assert (out / name / "metrics.json").exists(), name
     comparison = (out / "comparison.md").read_text()
     assert "pretrained" in comparison and "adapted" in comparison
+
+
+def test_the_pipeline_chain_submitted_again_completes_and_rewrites_nothing(cluster, submitted, spec):
+    out, jobs = submitted["pipeline"]
+    for job_id in jobs.values():
+        cluster.assert_completed(job_id, cluster.wait(job_id, timeout=300))
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    for name, job_id in submit_pipeline(cluster, spec, out).items():
+        cluster.assert_completed(job_id, cluster.wait(job_id, timeout=300))
+        assert ": up to date (" in cluster.log(job_id), f"{name}:\n{cluster.log(job_id)[-3000:]}"
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize(
