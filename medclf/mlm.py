@@ -188,9 +188,8 @@ def job_record(spec: RunSpec) -> jobrecord.Record:
     texts = [cfg.train or paths.prepared_train, cfg.validation or paths.prepared_validation, *cfg.extra_text]
     inputs = {jobrecord.shown(paths.out, url): jobrecord.file_fingerprint(url) for url in texts}
     inputs["mlm.model"] = jobrecord.model_fingerprint(cfg.model)
-    return jobrecord.Record(
-        "mlm", paths.mlm_record, jobrecord.keys("mlm", spec), inputs, [paths.mlm], [paths.mlm_model]
-    )
+    made = [paths.mlm_model] if manifest.exists(paths.mlm_model) else []  # a half-published model is redone
+    return jobrecord.Record("mlm", paths.mlm_record, jobrecord.keys("mlm", spec), inputs, [paths.mlm], made)
 
 
 def start_accelerator(spec: RunSpec) -> tuple[Any, int]:

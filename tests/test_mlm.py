@@ -161,6 +161,7 @@ def test_a_checkpoint_of_other_settings_is_not_continued(tiny_bert, mtsamples, t
     out = make_mlm_run(tmp_path / "run", mtsamples)
     mlm.run(mlm_spec(out, tiny_bert, "max_steps=2", "checkpoint_every=1"))
     shutil.rmtree(out / "mlm" / "model")
+    (out / "mlm" / "job.json").unlink()  # as if interrupted after its checkpoints: no model, no record
     with pytest.raises(MedclfError, match="max_length=64 there, 32 now"):
         mlm.run(mlm_spec(out, tiny_bert, "max_steps=2", "max_length=32"))
 
