@@ -37,6 +37,18 @@ log = logging.getLogger(__name__)
 # (mlm.micro_batch_size: accumulation keeps the global batch; head.encode_batch_size,
 # evaluate.batch_size, predict.batch_size, predict.chunk_rows: inference only), storage options,
 # `out` and `overwrite`, and the locations of inputs (their content is fingerprinted instead).
+# A head's features and training: the head job and the compare job both shape their outputs with them.
+HEAD_SETTINGS = [
+    "head.pooling",
+    "head.max_length",
+    "head.stride",
+    "head.windows",
+    "head.window_pooling",
+    "head.batch_size",
+    "head.epochs",
+    "head.lr",
+    "head.dropout",
+]
 KEYS = {
     # the class rule, the sample and the split (seeded)
     "prepare": [
@@ -66,37 +78,9 @@ KEYS = {
         "mlm.eval_blocks",
     ],
     # the classifier: features (pooling, windows, frozen or not) and the head's training (dev fold included)
-    "head": [
-        "seed",
-        "head.seed",
-        "head.pooling",
-        "head.freeze",
-        "head.max_length",
-        "head.stride",
-        "head.windows",
-        "head.window_pooling",
-        "head.batch_size",
-        "head.epochs",
-        "head.lr",
-        "head.dropout",
-        "head.dev_fraction",
-    ],
+    "head": ["seed", "head.seed", "head.freeze", *HEAD_SETTINGS, "head.dev_fraction"],
     # the heads compare trains (head.* settings but head.seed and the dev fold, which compare does not use)
-    "compare": [
-        "seed",
-        "compare.encoders",
-        "compare.seeds",
-        "compare.bootstrap",
-        "head.pooling",
-        "head.max_length",
-        "head.stride",
-        "head.windows",
-        "head.window_pooling",
-        "head.batch_size",
-        "head.epochs",
-        "head.lr",
-        "head.dropout",
-    ],
+    "compare": ["seed", "compare.encoders", "compare.seeds", "compare.bootstrap", *HEAD_SETTINGS],
     # evaluate and predict only apply a saved classifier: its inputs decide everything
     "evaluate": [],
     "predict": ["predict.text_column"],
