@@ -47,6 +47,8 @@ HEAD_SETTINGS = [
     "head.batch_size",
     "head.epochs",
     "head.lr",
+    "head.warmup_ratio",
+    "head.standardize",
     "head.dropout",
 ]
 KEYS = {
@@ -78,7 +80,7 @@ KEYS = {
         "mlm.eval_blocks",
     ],
     # the classifier: features (pooling, windows, frozen or not) and the head's training (dev fold included)
-    "head": ["seed", "head.seed", "head.freeze", *HEAD_SETTINGS, "head.dev_fraction"],
+    "head": ["seed", "head.seed", "head.freeze", *HEAD_SETTINGS, "head.encoder_lr", "head.dev_fraction"],
     # the heads compare trains (head.* settings but head.seed and the dev fold, which compare does not use)
     "compare": ["seed", "compare.encoders", "compare.seeds", "compare.bootstrap", *HEAD_SETTINGS],
     # evaluate and predict only apply a saved classifier: its inputs decide everything
