@@ -55,7 +55,7 @@ def test_tiny_pipeline_on_real_data(tmp_path, mtsamples, minilm):
 
     # -- the comparison: a table for both encoders, the interval, McNemar and the verdict
     summary = json.loads((out / "comparison.json").read_text())
-    assert list(summary["metrics"]) == ["pretrained", "adapted"] and len(summary["seeds"]) == 2
+    assert list(summary["metrics"]) == ["pretrained", "adapted", "baseline"] and len(summary["seeds"]) == 2
     low, high = summary["f1_weighted_difference"]["ci95"]
     assert low <= summary["f1_weighted_difference"]["observed"] <= high
     report = (out / "comparison.md").read_text()
