@@ -36,6 +36,14 @@ from medclf.masking import IGNORE, Masker, epoch_order, pack, token_stream
 log = logging.getLogger(__name__)
 
 # Keys that shape the trajectory: a checkpoint made with other values cannot be continued.
+# The optimizer and schedule settings are among them: the restored optimizer would keep the old lr
+# and a rebuilt schedule would restart its warm-up. The validation settings change the reported
+# before/after figures (val_before is kept in the checkpoint). Not compared: micro_batch_size (and
+# the process count), which only split the global batch: each micro-batch's loss is divided by the
+# masked tokens of the whole global batch, so the step is the same sum of gradients (up to the
+# order of float additions); log_every, eval_every, checkpoint_every, keep_last and report_to,
+# which change what is logged or kept, never the weights. The seed and the number of training
+# blocks are compared too (see `run_settings`).
 RESUME_KEYS = (
     "model",
     "train",
@@ -45,6 +53,15 @@ RESUME_KEYS = (
     "mlm_probability",
     "whole_word_masking",
     "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup_ratio",
+    "max_grad_norm",
+    "epochs",
+    "max_steps",
+    "validation",
+    "eval_seed",
+    "eval_blocks",
 )
 # Test hook: seconds to sleep after every step, so a test can signal a run that is mid-training.
 STEP_SLEEP_ENV = "MEDCLF_TEST_STEP_SLEEP"
@@ -210,7 +227,8 @@ def choose_resume(spec: RunSpec, accelerator: Any) -> Optional[str]:
                 f"{checkpoints}: checkpoints exist; resume=auto continues them, overwrite=true starts over"
             )
     elif cfg.resume == "auto":
-        found = checkpoint.find_latest(checkpoints) if main else None
+        # overwrite=true starts over, whatever is there
+        found = checkpoint.find_latest(checkpoints) if main and not spec.overwrite else None
         chosen = broadcast(torch.tensor([int(found.rsplit("-", 1)[1]) if found else -1], device=accelerator.device))
         resume_url = checkpoint.step_url(checkpoints, int(chosen.item())) if chosen.item() >= 0 else None
     else:
@@ -295,19 +313,29 @@ def build_training(cfg: Any, model_path: str, accelerator: Any, accumulation: in
 def resume(spec: RunSpec, t: Training, blocks: Blocks, resume_url: Optional[str]) -> TrainState:
     """A fresh state, or weights, optimizer, scheduler, every rank's RNG and the position in the data
     restored from `resume_url`, refused when it was made with settings that shape the trajectory."""
-    cfg = spec.mlm
-    run_keys = {k: getattr(cfg, k) for k in RESUME_KEYS} | {"seed": spec.seed, "train_blocks": len(blocks.train)}
+    run_keys = run_settings(spec, blocks)
     if not resume_url:
         return TrainState(run=run_keys)
     saved = checkpoint.load(resume_url, t.accelerator, model=t.raw.model, optimizer=t.optimizer, scheduler=t.scheduler)
-    changed = [f"{k}={saved['run'][k]!r} there, {v!r} now" for k, v in run_keys.items() if saved["run"].get(k) != v]
-    if changed:
-        raise MedclfError(
-            f"{resume_url}: made with other settings ({'; '.join(changed)}); resume=never overwrite=true starts over"
-        )
+    check_same_settings(resume_url, saved.get("run") or {}, run_keys)
     state = TrainState.from_json(saved)
     log.info("resumed from %s at step %d (epoch %d)", resume_url, state.step, state.step // blocks.steps_per_epoch)
     return state
+
+
+def run_settings(spec: RunSpec, blocks: Blocks) -> dict:
+    """The values of everything that shapes the trajectory, as a checkpoint records them."""
+    return {k: getattr(spec.mlm, k) for k in RESUME_KEYS} | {"seed": spec.seed, "train_blocks": len(blocks.train)}
+
+
+def check_same_settings(url: str, saved: dict, now: dict) -> None:
+    """Refuse, in one line naming every changed key with both values, a checkpoint made otherwise."""
+    changed = [f"{k}={saved.get(k)!r} there, {v!r} now" for k, v in now.items() if saved.get(k) != v]
+    if changed:
+        raise MedclfError(
+            f"{url}: made with other settings ({'; '.join(changed)}); "
+            "set them back to continue it, or overwrite=true to start over"
+        )
 
 
 def train(

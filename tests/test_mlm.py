@@ -14,10 +14,19 @@ import time
 import pytest
 import torch
 
-from medclf import checkpoint, config, mlm
+from medclf import checkpoint, cli, config, mlm
 from medclf.errors import EXIT_PREEMPTED, MedclfError
 from medclf.masking import IGNORE, Masker, epoch_order, pack, token_stream
-from tests.helpers import REPO, TINY_MLM_ARGS, assert_same_weights, make_mlm_run, mlm_spec, weights
+from tests.helpers import (
+    REPO,
+    TINY_MLM_ARGS,
+    assert_same_weights,
+    make_mlm_run,
+    mlm_spec,
+    run_cli,
+    tree,
+    weights,
+)
 
 # ---------------------------------------------------------------- the loss
 
@@ -146,6 +155,26 @@ def test_inputs_are_checked_before_training(tiny_bert, mtsamples, tmp_path):
     with pytest.raises(MedclfError, match=r"mlm\.batch_size: 800 blocks per step"):
         mlm.run(mlm_spec(out, tiny_bert, "batch_size=800", "micro_batch_size=8"))
     assert not (out / "mlm" / "model").exists()
+
+
+def test_changed_optimizer_settings_are_refused_naming_each_key_and_overwrite_starts_over(
+    tiny_bert, mtsamples, tmp_path, capsys
+):
+    # The case: a checkpoint at step 3 made with lr=1e-4, re-run with another lr, warm-up and length.
+    out = make_mlm_run(tmp_path / "run", mtsamples, train_rows=2)
+    base = ["mlm", f"out={out}", f"model={tiny_bert}", *TINY_MLM_ARGS, "max_length=32", "micro_batch_size=8"]
+    cli.main([*base, "lr=1e-4", "max_steps=3", "checkpoint_every=3"])
+    shutil.rmtree(out / "mlm" / "model")
+    before = tree(out / "mlm" / "checkpoints")
+    code, line = run_cli([*base, "lr=5e-3", "warmup_ratio=0.5", "max_steps=6"], capsys)
+    assert code == 2
+    for changed in ("lr=0.0001 there, 0.005 now", "warmup_ratio=0.06 there, 0.5 now", "max_steps=3 there, 6 now"):
+        assert changed in line, line
+    assert "overwrite=true to start over" in line and "epochs=" not in line
+    assert tree(out / "mlm" / "checkpoints") == before and not (out / "mlm" / "model").exists()
+    # overwrite=true (resume left at auto) starts over with the new settings
+    cli.main([*base, "lr=5e-3", "warmup_ratio=0.5", "max_steps=2", "checkpoint_every=3", "overwrite=true"])
+    assert checkpoint.list_steps(str(out / "mlm" / "checkpoints")) == [2]
 
 
 @pytest.mark.slow
