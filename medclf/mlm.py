@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, get_li
 
 from medclf import checkpoint, config, data, layout, manifest, models, runtime, storage
 from medclf.config import RunSpec
-from medclf.errors import MedclfError, Preempted
+from medclf.errors import Diverged, MedclfError, Preempted
 from medclf.masking import IGNORE, Masker, epoch_order, pack, token_stream
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,10 @@ class MaskedLM(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         head = prediction_head(self.model)
         where = labels != IGNORE
-        if head is None:  # an architecture without a known head: the stock (full-projection) loss
-            return self.model(input_ids=input_ids, labels=labels).loss * where.sum()
+        if head is None:  # an architecture without a known head (DistilBERT): the full projection
+            # Summed over the masked positions; 0 (not the NaN of a mean over nothing) when there are none.
+            logits = self.model(input_ids=input_ids).logits
+            return F.cross_entropy(logits[where].float(), labels[where], reduction="sum")
         hidden = self.model.base_model(input_ids=input_ids).last_hidden_state
         logits = head(hidden[where])
         return F.cross_entropy(logits.float(), labels[where], reduction="sum")
@@ -383,21 +385,45 @@ def train_step(t: Training, blocks: Blocks, cfg: Any, seed: int, step: int) -> t
     # so the gradient is the global batch's mean loss over its masked tokens.
     scale = world * t.accumulation / masked
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    global_loss = 0.0
     for micro in range(t.accumulation):
         first = (micro * world + rank) * cfg.micro_batch_size
         rows = slice(first, first + cfg.micro_batch_size)
         with accelerator.accumulate(t.model):
             loss = t.model(inputs[rows].to(accelerator.device), labels[rows].to(accelerator.device))
             accelerator.backward(loss * scale)
-            # clip and step once the last micro-batch has synced gradients
-            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(t.model.parameters(), cfg.max_grad_norm)
+            loss_sum += loss.detach().double()
+            if accelerator.sync_gradients:  # the last micro-batch: check, clip, then step
+                global_loss = check_finite(t, cfg, loss_sum, step + 1)
             t.optimizer.step()
             t.optimizer.zero_grad()
-        loss_sum += loss.detach().double()
     lr = t.scheduler.get_last_lr()[0]
     t.scheduler.step()
-    return accelerator.reduce(loss_sum, reduction="sum").item() / masked, lr
+    return global_loss / masked, lr
+
+
+def check_finite(t: Training, cfg: Any, loss_sum: torch.Tensor, step: int) -> float:
+    """The global batch's summed loss, once every rank agrees it (and the clipped gradient's norm)
+    is finite; else Diverged, before the optimizer step, so no non-finite weight is ever saved.
+
+    One reduction per optimizer step carries both the loss and a not-finite flag, so the ranks
+    agree without a host sync per micro-batch."""
+    accelerator = t.accelerator
+    bad = ~torch.isfinite(loss_sum)
+    if cfg.max_grad_norm > 0:
+        norm = accelerator.clip_grad_norm_(t.model.parameters(), cfg.max_grad_norm)
+        # fp16's loss scaler expects an inf gradient now and then: it skips that step and rescales.
+        if norm is not None and accelerator.mixed_precision != "fp16":
+            bad = bad | ~torch.isfinite(torch.as_tensor(norm, device=loss_sum.device))
+    both = torch.stack([torch.where(bad, torch.zeros_like(loss_sum), loss_sum), bad.double()])
+    total, flagged = accelerator.reduce(both, reduction="sum").tolist()
+    if flagged:
+        raise Diverged(
+            f"mlm: step {step}: the loss or gradient is not finite (NaN/inf) on {int(flagged)} process(es); "
+            f"stopped before the optimizer step, nothing of step {step} saved, `latest` still names the last "
+            "good checkpoint; lower mlm.lr or raise mlm.warmup_ratio, then resume"
+        )
+    return total
 
 
 @functools.lru_cache(maxsize=1)

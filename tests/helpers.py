@@ -95,6 +95,24 @@ def make_tiny_bert(folder: pathlib.Path, csv: pathlib.Path, vocab_size: int = 10
     return folder
 
 
+def make_tiny_distilbert(folder: pathlib.Path, tiny_bert: pathlib.Path) -> pathlib.Path:
+    """A tiny DistilBertForMaskedLM on the tiny BERT's vocabulary: its head (`vocab_projector`) is not one
+    MaskedLM knows, so the job takes the full-projection loss path."""
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_bert / name).exists():
+            shutil.copy(tiny_bert / name, folder / name)
+    torch.manual_seed(0)
+    vocab = len((tiny_bert / "vocab.txt").read_text(encoding="utf-8").splitlines())
+    config = DistilBertConfig(
+        vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=128
+    )
+    DistilBertForMaskedLM(config).save_pretrained(folder)
+    return folder
+
+
 def make_classifier(folder: pathlib.Path, encoder: pathlib.Path, classes: list[str], max_length: int = 32):
     """A frozen tiny classifier (untrained head) saved as the head job saves one."""
     from medclf import classifier, runtime
