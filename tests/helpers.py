@@ -5,9 +5,12 @@ from here, never from each other."""
 from __future__ import annotations
 
 import hashlib
+import os
 import pathlib
 import shutil
 import socket
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -171,6 +174,34 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"weights differ: {different[:5]}"
+
+
+def publish_killed_before_the_manifest(source: pathlib.Path, url: str, endpoint: str | None = None) -> None:
+    """Run manifest.publish_dir(source, url) in its own process and SIGKILL it at the test pause
+    before the manifest (`endpoint`: the S3 server's, credentials from the environment)."""
+    from medclf import manifest
+
+    code = "from medclf import manifest, storage, config\n"
+    if endpoint:
+        code += f"storage.configure(config.StorageSpec(endpoint_url={endpoint!r}))\n"
+    code += f"manifest.publish_dir({str(source)!r}, {url!r})"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(REPO), manifest.PAUSE_ENV: "120"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen = ""
+    try:
+        while "pausing before the manifest" not in seen:
+            line = process.stderr.readline()
+            if not line and process.poll() is not None:
+                break
+            seen += line
+    finally:
+        process.kill()
+        seen += process.communicate(timeout=60)[1]
+    assert "pausing before the manifest" in seen, seen[-2000:]
 
 
 def free_port() -> int:
