@@ -6,7 +6,8 @@ member, the work dealt across processes and gathered) and keeps the result under
 
     <out>/features/<key>.safetensors
 
-where the key covers the encoder's content fingerprint, the texts, max_length and pooling:
+where the key covers the encoder's content fingerprint, the texts and `key_settings` (max_length,
+pooling, precision); the file is sealed with its tensors' SHA-256 and rebuilt if damaged:
 another head, seed or the compare job on the same data reads the file instead of encoding.
 Evaluate and predict use the same `encode`, so every path sees the same vectors.
 """
@@ -14,6 +15,7 @@ Evaluate and predict use the same `encode`, so every path sees the same vectors.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from typing import Optional, Sequence
@@ -22,10 +24,8 @@ import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
-from medclf import data, layout, storage
+from medclf import data, layout, manifest, storage
 from medclf.classifier import Classifier
 from medclf.config import HeadSpec
 from medclf.errors import MedclfError
@@ -127,8 +127,20 @@ def encode(
     return everything[torch.as_tensor(codes, dtype=torch.long)]
 
 
-def cache_key(encoder_fingerprint: str, texts: Sequence[str], max_length: int, pooling: str) -> str:
-    digest = hashlib.sha256(f"{encoder_fingerprint}\0{max_length}\0{pooling}\0".encode())
+def key_settings(model: Classifier, max_length: int, accelerator: Accelerator) -> dict:
+    """Every setting besides the encoder and the texts that changes the vectors: the one place a
+    new one (windows, stride, ...) is added, so that the cache key always covers it."""
+    dtype = next(model.encoder.parameters()).dtype
+    return {
+        "max_length": max_length,
+        "pooling": model.pooling,
+        "mixed_precision": str(accelerator.mixed_precision),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def cache_key(encoder_fingerprint: str, texts: Sequence[str], settings: dict) -> str:
+    digest = hashlib.sha256(f"{encoder_fingerprint}\0{json.dumps(settings, sort_keys=True)}\0".encode())
     for text in texts:
         digest.update(text.encode("utf-8") + b"\0")
     return digest.hexdigest()[:24]
@@ -146,25 +158,23 @@ def cached_encode(
     encoder_fingerprint: str,
     source: str,
 ) -> torch.Tensor:
-    """`encode`, read from `cache_dir` when this encoder, data, max_length and pooling were seen before."""
-    key = cache_key(encoder_fingerprint, texts, max_length, model.pooling)
-    url = storage.join(cache_dir, f"{key}.safetensors")
-    if storage.exists(url):
-        vectors = load_safetensors(storage.read_bytes(url)).get("features")
+    """`encode`, read from `cache_dir` when this encoder, data and `key_settings` were seen before.
+
+    The file is sealed with the SHA-256 of its tensors: a damaged one is rebuilt with a warning."""
+    settings = key_settings(model, max_length, accelerator)
+    url = storage.join(cache_dir, f"{cache_key(encoder_fingerprint, texts, settings)}.safetensors")
+    cached = manifest.read_sealed(url, "feature cache")  # None: absent, or damaged (then rebuilt)
+    if cached is not None:
+        vectors = cached.get("features")
         if vectors is None or vectors.shape[0] != len(texts):
             raise MedclfError(f"{url}: cached features do not match {source} ({len(texts)} rows); delete the file")
         log.info("features of %s read from %s", source, url)
         return vectors
     vectors = encode(model, tokenizer, texts, max_length, batch_size, accelerator)
     if accelerator.is_main_process:
-        metadata = {
-            "source": source,
-            "encoder_fingerprint": encoder_fingerprint,
-            "max_length": str(max_length),
-            "pooling": model.pooling,
-            "rows": str(len(texts)),
-        }
-        storage.write_bytes(url, save_safetensors({"features": vectors.contiguous()}, metadata=metadata))
+        metadata = {"source": source, "encoder_fingerprint": encoder_fingerprint, "rows": str(len(texts))}
+        metadata |= {k: str(v) for k, v in settings.items()}
+        storage.write_bytes(url, manifest.sealed({"features": vectors.contiguous()}, metadata))
         log.info("features of %s cached at %s", source, url)
     accelerator.wait_for_everyone()
     return vectors

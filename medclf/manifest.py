@@ -131,6 +131,49 @@ def verify_if_present(folder: str, shown: str) -> Optional[dict]:
     return verify(folder, "model", shown) if exists(folder) else None
 
 
+# ---------------------------------------------------------------- sealed cache files
+
+
+def _tensors_digest(tensors: dict) -> str:
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def sealed(tensors: dict, metadata: Optional[dict] = None) -> bytes:
+    """A safetensors file that carries the SHA-256 of its own tensors (a cache file's manifest)."""
+    from safetensors.torch import save
+
+    return save(tensors, metadata={**(metadata or {}), "sha256": _tensors_digest(tensors)})
+
+
+def read_sealed(url: str, what: str) -> Optional[dict]:
+    """The tensors of a `sealed` file; None when it is absent, or damaged (truncated, altered,
+    unsealed), with a warning: a cache is rebuilt then, never used."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    if not storage.exists(url):
+        return None
+    data = storage.read_bytes(url)
+    try:
+        tensors = load(data)
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+        expected = (header.get("__metadata__") or {}).get("sha256")
+    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+        log.warning("%s: damaged %s (%s); rebuilding it", url, what, " ".join(str(e).split())[:120])
+        return None
+    if expected != _tensors_digest(tensors):
+        log.warning("%s: damaged %s (SHA-256 differs from its seal); rebuilding it", url, what)
+        return None
+    return tensors
+
+
 def fingerprint(manifest: dict) -> str:
     """A content fingerprint of a verified folder, from the hashes its manifest lists."""
     listing = sorted((name, e.get("sha256")) for name, e in manifest["files"].items())
