@@ -185,23 +185,31 @@ def publish_killed_before_the_manifest(source: pathlib.Path, url: str, endpoint:
     if endpoint:
         code += f"storage.configure(config.StorageSpec(endpoint_url={endpoint!r}))\n"
     code += f"manifest.publish_dir({str(source)!r}, {url!r})"
+    kill_when_seen([sys.executable, "-c", code], {manifest.PAUSE_ENV: "120"}, "pausing before the manifest")
+
+
+def kill_when_seen(command: list[str], env: dict, pattern: str) -> str:
+    """Start `command` (this checkout first on the path, `env` added), SIGKILL it as soon as `pattern`
+    shows in its output; returns the output, once checked that the pattern came and the kill hit."""
     process = subprocess.Popen(
-        [sys.executable, "-c", code],
-        env={**os.environ, "PYTHONPATH": str(REPO), manifest.PAUSE_ENV: "120"},
-        stderr=subprocess.PIPE,
+        command,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
     )
     seen = ""
     try:
-        while "pausing before the manifest" not in seen:
-            line = process.stderr.readline()
+        while pattern not in seen:
+            line = process.stdout.readline()
             if not line and process.poll() is not None:
                 break
             seen += line
     finally:
-        process.kill()
-        seen += process.communicate(timeout=60)[1]
-    assert "pausing before the manifest" in seen, seen[-2000:]
+        process.kill()  # SIGKILL: no handler runs, no file is closed
+        seen += process.communicate(timeout=60)[0]
+    assert pattern in seen and process.returncode == -9, seen[-3000:]
+    return seen
 
 
 def free_port() -> int:

@@ -35,7 +35,7 @@ from medclf import checkpoint, cli, config, manifest, mlm
 from medclf.manifest import PAUSE_ENV
 from medclf.mlm import STEP_SLEEP_ENV
 from medclf.storage import PAUSE_AFTER_ENV
-from tests.helpers import REPO, make_classifier, make_mlm_run, make_small_run, tree
+from tests.helpers import REPO, kill_when_seen, make_classifier, make_mlm_run, make_small_run, tree
 
 pytestmark = pytest.mark.slow
 
@@ -59,26 +59,7 @@ def spec(out: Path, model: Path):
 def run_until_killed(out: Path, model: Path, pattern: str, env: dict) -> str:
     """Start `medclf mlm` as its own process, SIGKILL it as soon as `pattern` shows in its output."""
     command = [sys.executable, "-m", "medclf", "mlm", f"out={out}", f"model={model}", *ARGS]
-    process = subprocess.Popen(
-        command,
-        env={**os.environ, "PYTHONPATH": str(REPO), **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    seen, deadline = "", time.time() + 180
-    try:
-        while pattern not in seen and time.time() < deadline:
-            line = process.stdout.readline()
-            if not line and process.poll() is not None:
-                break
-            seen += line
-    finally:
-        process.kill()  # SIGKILL: no handler runs, no file is closed
-        seen += process.communicate(timeout=60)[0]
-    assert pattern in seen, f"never saw {pattern!r}:\n{seen[-3000:]}"
-    assert process.returncode == -signal.SIGKILL, seen[-3000:]
-    return seen
+    return kill_when_seen(command, env, pattern)
 
 
 def complete_checkpoints(out: Path) -> list[int]:
@@ -233,24 +214,7 @@ def test_killed_at_seeded_random_moments_the_run_ends_bit_identical(tiny_bert, m
 
 def killed_after_writing(args: list[str], written: str) -> None:
     """`medclf ARGS` in its own process, SIGKILLed just after it wrote a file whose URL contains `written`."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "medclf", *args],
-        env={**os.environ, "PYTHONPATH": str(REPO), PAUSE_AFTER_ENV: written},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    seen = ""
-    try:
-        while "pausing after writing" not in seen:
-            line = process.stdout.readline()
-            if not line and process.poll() is not None:
-                break
-            seen += line
-    finally:
-        process.kill()
-        seen += process.communicate(timeout=60)[0]
-    assert "pausing after writing" in seen and process.returncode == -signal.SIGKILL, seen[-3000:]
+    kill_when_seen([sys.executable, "-m", "medclf", *args], {PAUSE_AFTER_ENV: written}, "pausing after writing")
 
 
 def test_prepare_killed_between_its_files_reruns_with_overwrite_to_the_same_files(mtsamples, tmp_path):

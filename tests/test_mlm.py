@@ -80,6 +80,7 @@ def test_distilbert_with_unmasked_micro_batches_trains_to_finite_weights(tiny_be
     assert all(torch.isfinite(t).all() for t in weights(out).values())
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_before_the_step_and_nothing_non_finite_is_saved(
     tiny_bert, mtsamples, tmp_path, capsys, monkeypatch
 ):
@@ -227,6 +228,7 @@ def test_inputs_are_checked_before_training(tiny_bert, mtsamples, tmp_path):
     assert not (out / "mlm" / "model").exists()
 
 
+@pytest.mark.slow
 def test_changed_optimizer_settings_are_refused_naming_each_key_and_overwrite_starts_over(
     tiny_bert, mtsamples, tmp_path, capsys
 ):
