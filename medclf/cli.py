@@ -13,7 +13,7 @@ import sys
 from typing import Optional
 
 from medclf import __version__, config, storage
-from medclf.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, MedclfError, Preempted
+from medclf.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, Diverged, MedclfError, Preempted
 
 JOBS = {
     "prepare": ("medclf.prepare", "check, clean and split the raw MTSamples CSV"),
@@ -52,6 +52,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         _end_process_group()
     except MedclfError as e:
         _fail(f"medclf {job}", str(e))
+    except Diverged as e:
+        _fail(f"medclf {job}", str(e), EXIT_DIVERGED)
     except Preempted as e:
         logging.getLogger("medclf").warning("stopped by signal after saving a checkpoint: %s", e)
         sys.exit(EXIT_PREEMPTED)
@@ -102,9 +104,9 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _fail(who: str, message: str) -> None:
+def _fail(who: str, message: str, status: int = EXIT_BAD_INPUT) -> None:
     print(f"{who}: error: {message}", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
+    sys.exit(status)
 
 
 def _overview() -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -67,18 +67,26 @@ def check_structure(text: str, url: str) -> int:
     nul = text.find("\0")
     if nul >= 0:
         raise MedclfError(f"{url}: line {text.count(chr(10), 0, nul) + 1}: NUL byte (not a text CSV)")
+    # The csv module refuses fields over 128 KiB; pandas has no such limit, and a long note is not broken.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+    return sum(1 for _ in checked_records(io.StringIO(text, newline=""), url)) - 1
+
+
+def checked_records(lines: Iterable[str], url: str) -> Iterator[list[str]]:
+    """The header, then every data record, of a CSV read line by line (open it with newline=""),
+    each checked as `check_structure` says as it comes: a streaming reader holds one record at a time."""
     last_line = [""]
 
-    def lines() -> Iterator[str]:
-        for line in io.StringIO(text, newline=""):
+    def tracked() -> Iterator[str]:
+        for number, line in enumerate(lines, 1):
+            if "\0" in line:
+                raise MedclfError(f"{url}: line {number}: NUL byte (not a text CSV)")
             last_line[0] = line
             yield line
 
-    # The csv module refuses fields over 128 KiB; pandas has no such limit, and a long note is not broken.
-    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
-    reader = csv.reader(lines(), strict=True)
+    reader = csv.reader(tracked(), strict=True)
     header: Optional[list[str]] = None
-    records, start = 0, 1
+    start = 1
     try:
         for record in reader:
             if last_line[0].endswith("\r"):
@@ -89,15 +97,15 @@ def check_structure(text: str, url: str) -> int:
             if record and header is None:
                 header = record
                 _check_header(header, url, start)
+                yield record
             elif record and header is not None and len(record) != len(header):
                 problem = f"{len(record)} fields, the header has {len(header)}"
                 raise MedclfError(f"{url}: line {start}: {problem}{_runs_on(start, reader.line_num)}")
             elif record:
-                records += 1
+                yield record
             start = reader.line_num + 1
     except csv.Error as e:
         raise MedclfError(f"{url}: line {start}: broken quoting ({e}){_runs_on(start, reader.line_num)}") from None
-    return records
 
 
 def _runs_on(start: int, end: int) -> str:

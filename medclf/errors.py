@@ -5,6 +5,10 @@ EXIT_BAD_INPUT = 2
 # which the Slurm templates turn into a requeue.
 EXIT_PREEMPTED = 75
 
+# Training diverged: a loss or gradient became NaN/inf. Not bad input (2) and not worth a plain
+# retry (75): the same settings would diverge again at the same step.
+EXIT_DIVERGED = 3
+
 
 class MedclfError(Exception):
     """Bad input or configuration: printed as one line naming the file, row or key; exit status 2."""
@@ -12,3 +16,7 @@ class MedclfError(Exception):
 
 class Preempted(Exception):
     """Raised after a stop signal has been honoured and a checkpoint saved."""
+
+
+class Diverged(Exception):
+    """A non-finite loss or gradient, caught before the optimizer step: one line, exit status 3."""

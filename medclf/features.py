@@ -6,10 +6,11 @@ member, the work dealt across processes and gathered) and keeps the result under
 
     <out>/features/<key>.safetensors
 
-where the key covers everything the vectors depend on (the encoder's content fingerprint and
-precision, the texts, the windows and both poolings): another head, seed or the compare job on
-the same data reads the file instead of encoding. Evaluate and predict use the same `encode`, so
-every path sees the same vectors.
+where the key covers the encoder's content fingerprint, the texts and `key_settings`
+(precision, the windows and both poolings); the file is sealed with its tensors' SHA-256 and
+rebuilt if damaged: another head, seed or the compare job on the same data reads the file
+instead of encoding. Evaluate and predict use the same `encode`, so every path sees the same
+vectors.
 
 A note longer than one window is encoded as several (classifier.Windows); the windows of all
 notes are batched together, longest first, and each note's window vectors are pooled back into
@@ -19,6 +20,7 @@ one vector (mean or max) in order.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from typing import Optional, Sequence, Union, cast
@@ -27,10 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
-from medclf import data, layout, storage
+from medclf import data, layout, manifest, storage
 from medclf.classifier import Classifier, Windows, pool_windows, special_tokens
 from medclf.config import HeadSpec
 from medclf.errors import MedclfError
@@ -171,21 +171,24 @@ def _encode_windows(
 CACHE_FORMAT = "windows/1"  # bump when the way vectors are computed changes
 
 
-def cache_key(model: Classifier, accelerator: Accelerator, encoder_fingerprint: str, texts, windows: Windows) -> str:
-    """Everything the vectors depend on: encoder content and precision, windows, poolings, texts."""
+def key_settings(model: Classifier, windows: Windows, accelerator: Accelerator) -> dict:
+    """Every setting besides the encoder and the texts that changes the vectors: the one place a
+    new one is added, so that the cache key always covers it."""
     dtype = next(model.encoder.parameters()).dtype
-    about = [
-        CACHE_FORMAT,
-        encoder_fingerprint,
-        str(dtype),
-        str(accelerator.mixed_precision),
-        str(windows.max_length),
-        str(windows.stride),
-        str(windows.cap),
-        model.pooling,
-        model.window_pooling,
-    ]
-    digest = hashlib.sha256("\0".join(about).encode() + b"\0")
+    return {
+        "format": CACHE_FORMAT,
+        "dtype": str(dtype).removeprefix("torch."),
+        "mixed_precision": str(accelerator.mixed_precision),
+        "max_length": windows.max_length,
+        "stride": windows.stride,
+        "windows": windows.cap,
+        "pooling": model.pooling,
+        "window_pooling": model.window_pooling,
+    }
+
+
+def cache_key(encoder_fingerprint: str, texts: Sequence[str], settings: dict) -> str:
+    digest = hashlib.sha256(f"{encoder_fingerprint}\0{json.dumps(settings, sort_keys=True)}\0".encode())
     for text in texts:
         digest.update(text.encode("utf-8") + b"\0")
     return digest.hexdigest()[:24]
@@ -203,28 +206,23 @@ def cached_encode(
     encoder_fingerprint: str,
     source: str,
 ) -> torch.Tensor:
-    """`encode`, read from `cache_dir` when these texts were encoded with the same settings before."""
-    key = cache_key(model, accelerator, encoder_fingerprint, texts, windows)
-    url = storage.join(cache_dir, f"{key}.safetensors")
-    if storage.exists(url):
-        vectors = load_safetensors(storage.read_bytes(url)).get("features")
+    """`encode`, read from `cache_dir` when this encoder, data and `key_settings` were seen before.
+
+    The file is sealed with the SHA-256 of its tensors: a damaged one is rebuilt with a warning."""
+    settings = key_settings(model, windows, accelerator)
+    url = storage.join(cache_dir, f"{cache_key(encoder_fingerprint, texts, settings)}.safetensors")
+    cached = manifest.read_sealed(url, "feature cache")  # None: absent, or damaged (then rebuilt)
+    if cached is not None:
+        vectors = cached.get("features")
         if vectors is None or vectors.shape[0] != len(texts):
             raise MedclfError(f"{url}: cached features do not match {source} ({len(texts)} rows); delete the file")
         log.info("features of %s read from %s", source, url)
         return vectors
     vectors = encode(model, tokenizer, texts, windows, batch_size, accelerator)
     if accelerator.is_main_process:
-        metadata = {
-            "source": source,
-            "encoder_fingerprint": encoder_fingerprint,
-            "max_length": str(windows.max_length),
-            "stride": str(windows.stride),
-            "windows": str(windows.cap),
-            "pooling": model.pooling,
-            "window_pooling": model.window_pooling,
-            "rows": str(len(texts)),
-        }
-        storage.write_bytes(url, save_safetensors({"features": vectors.contiguous()}, metadata=metadata))
+        metadata = {"source": source, "encoder_fingerprint": encoder_fingerprint, "rows": str(len(texts))}
+        metadata |= {k: str(v) for k, v in settings.items()}
+        storage.write_bytes(url, manifest.sealed({"features": vectors.contiguous()}, metadata))
         log.info("features of %s cached at %s", source, url)
     accelerator.wait_for_everyone()
     return vectors

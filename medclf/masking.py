@@ -15,10 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
-from medclf import storage
+from medclf import manifest, storage
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +43,13 @@ def fingerprint(texts: list[str], tokenizer) -> str:
 def token_stream(texts: list[str], tokenizer, cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
     """All texts as one stream of ids (each text wrapped in [CLS] ... [SEP]) and a word-start flag per token.
 
-    Cached under `cache_dir` by a fingerprint of the texts and the tokenizer; call it on the main
+    Cached under `cache_dir` by a fingerprint of the texts and the tokenizer, sealed with the SHA-256
+    of its tensors (a damaged cache is rebuilt with a warning); call it on the main
     process first (`accelerator.main_process_first()`), so the others read what it wrote.
     """
     url = storage.join(cache_dir, f"mlm-tokens-{fingerprint(texts, tokenizer)}.safetensors")
-    if storage.exists(url):
-        cached = load_tensors(storage.read_bytes(url))
+    cached = manifest.read_sealed(url, "token cache")  # None: absent, or damaged (then rebuilt)
+    if cached is not None and {"input_ids", "word_start"} <= cached.keys():
         return cached["input_ids"], cached["word_start"]
     ids, starts = [], []
     for begin in range(0, len(texts), 256):
@@ -61,7 +60,7 @@ def token_stream(texts: list[str], tokenizer, cache_dir: str) -> tuple[torch.Ten
             ids += [tokenizer.cls_token_id, *piece_ids, tokenizer.sep_token_id]
             starts += [True, *first, True]
     stream = torch.tensor(ids, dtype=torch.int32), torch.tensor(starts, dtype=torch.bool)
-    storage.write_bytes(url, save_tensors({"input_ids": stream[0], "word_start": stream[1]}))
+    storage.write_bytes(url, manifest.sealed({"input_ids": stream[0], "word_start": stream[1]}))
     log.info("tokenized %d texts into %d tokens; cached at %s", len(texts), len(ids), url)
     return stream
 

@@ -31,13 +31,21 @@ from transformers.modeling_utils import PreTrainedModel
 
 from medclf import checkpoint, config, data, jobrecord, layout, manifest, models, runtime, storage
 from medclf.config import RunSpec
-from medclf.errors import MedclfError, Preempted
+from medclf.errors import Diverged, MedclfError, Preempted
 from medclf.masking import IGNORE, Masker, epoch_order, pack, token_stream
 from medclf.optim import adamw, decay_groups, warmup_then_decay
 
 log = logging.getLogger(__name__)
 
 # Keys that shape the trajectory: a checkpoint made with other values cannot be continued.
+# The optimizer and schedule settings are among them: the restored optimizer would keep the old lr
+# and a rebuilt schedule would restart its warm-up. The validation settings change the reported
+# before/after figures (val_before is kept in the checkpoint). Not compared: micro_batch_size (and
+# the process count), which only split the global batch: each micro-batch's loss is divided by the
+# masked tokens of the whole global batch, so the step is the same sum of gradients (up to the
+# order of float additions); log_every, eval_every, checkpoint_every, keep_last and report_to,
+# which change what is logged or kept, never the weights. The seed and the number of training
+# blocks are compared too (see `run_settings`).
 RESUME_KEYS = (
     "model",
     "train",
@@ -47,6 +55,15 @@ RESUME_KEYS = (
     "mlm_probability",
     "whole_word_masking",
     "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup_ratio",
+    "max_grad_norm",
+    "epochs",
+    "max_steps",
+    "validation",
+    "eval_seed",
+    "eval_blocks",
 )
 # Test hook: seconds to sleep after every step, so a test can signal a run that is mid-training.
 STEP_SLEEP_ENV = "MEDCLF_TEST_STEP_SLEEP"
@@ -67,8 +84,10 @@ class MaskedLM(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         head = prediction_head(self.model)
         where = labels != IGNORE
-        if head is None:  # an architecture without a known head: the stock (full-projection) loss
-            return self.model(input_ids=input_ids, labels=labels).loss * where.sum()
+        if head is None:  # an architecture without a known head (DistilBERT): the full projection
+            # Summed over the masked positions; 0 (not the NaN of a mean over nothing) when there are none.
+            logits = self.model(input_ids=input_ids).logits
+            return F.cross_entropy(logits[where].float(), labels[where], reduction="sum")
         hidden = self.model.base_model(input_ids=input_ids).last_hidden_state
         logits = head(hidden[where])
         return F.cross_entropy(logits.float(), labels[where], reduction="sum")
@@ -218,7 +237,8 @@ def choose_resume(spec: RunSpec, accelerator: Any) -> Optional[str]:
                 f"{checkpoints}: checkpoints exist; resume=auto continues them, overwrite=true starts over"
             )
     elif cfg.resume == "auto":
-        found = checkpoint.find_latest(checkpoints) if main else None
+        # overwrite=true starts over, whatever is there
+        found = checkpoint.find_latest(checkpoints) if main and not spec.overwrite else None
         chosen = broadcast(torch.tensor([int(found.rsplit("-", 1)[1]) if found else -1], device=accelerator.device))
         resume_url = checkpoint.step_url(checkpoints, int(chosen.item())) if chosen.item() >= 0 else None
     else:
@@ -296,19 +316,29 @@ def build_training(cfg: Any, model_path: str, accelerator: Any, accumulation: in
 def resume(spec: RunSpec, t: Training, blocks: Blocks, resume_url: Optional[str]) -> TrainState:
     """A fresh state, or weights, optimizer, scheduler, every rank's RNG and the position in the data
     restored from `resume_url`, refused when it was made with settings that shape the trajectory."""
-    cfg = spec.mlm
-    run_keys = {k: getattr(cfg, k) for k in RESUME_KEYS} | {"seed": spec.seed, "train_blocks": len(blocks.train)}
+    run_keys = run_settings(spec, blocks)
     if not resume_url:
         return TrainState(run=run_keys)
     saved = checkpoint.load(resume_url, t.accelerator, model=t.raw.model, optimizer=t.optimizer, scheduler=t.scheduler)
-    changed = [f"{k}={saved['run'][k]!r} there, {v!r} now" for k, v in run_keys.items() if saved["run"].get(k) != v]
-    if changed:
-        raise MedclfError(
-            f"{resume_url}: made with other settings ({'; '.join(changed)}); resume=never overwrite=true starts over"
-        )
+    check_same_settings(resume_url, saved.get("run") or {}, run_keys)
     state = TrainState.from_json(saved)
     log.info("resumed from %s at step %d (epoch %d)", resume_url, state.step, state.step // blocks.steps_per_epoch)
     return state
+
+
+def run_settings(spec: RunSpec, blocks: Blocks) -> dict:
+    """The values of everything that shapes the trajectory, as a checkpoint records them."""
+    return {k: getattr(spec.mlm, k) for k in RESUME_KEYS} | {"seed": spec.seed, "train_blocks": len(blocks.train)}
+
+
+def check_same_settings(url: str, saved: dict, now: dict) -> None:
+    """Refuse, in one line naming every changed key with both values, a checkpoint made otherwise."""
+    changed = [f"{k}={saved.get(k)!r} there, {v!r} now" for k, v in now.items() if saved.get(k) != v]
+    if changed:
+        raise MedclfError(
+            f"{url}: made with other settings ({'; '.join(changed)}); "
+            "set them back to continue it, or overwrite=true to start over"
+        )
 
 
 def train(
@@ -356,21 +386,45 @@ def train_step(t: Training, blocks: Blocks, cfg: Any, seed: int, step: int) -> t
     # so the gradient is the global batch's mean loss over its masked tokens.
     scale = world * t.accumulation / masked
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    global_loss = 0.0
     for micro in range(t.accumulation):
         first = (micro * world + rank) * cfg.micro_batch_size
         rows = slice(first, first + cfg.micro_batch_size)
         with accelerator.accumulate(t.model):
             loss = t.model(inputs[rows].to(accelerator.device), labels[rows].to(accelerator.device))
             accelerator.backward(loss * scale)
-            # clip and step once the last micro-batch has synced gradients
-            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(t.model.parameters(), cfg.max_grad_norm)
+            loss_sum += loss.detach().double()
+            if accelerator.sync_gradients:  # the last micro-batch: check, clip, then step
+                global_loss = check_finite(t, cfg, loss_sum, step + 1)
             t.optimizer.step()
             t.optimizer.zero_grad()
-        loss_sum += loss.detach().double()
     lr = t.scheduler.get_last_lr()[0]
     t.scheduler.step()
-    return accelerator.reduce(loss_sum, reduction="sum").item() / masked, lr
+    return global_loss / masked, lr
+
+
+def check_finite(t: Training, cfg: Any, loss_sum: torch.Tensor, step: int) -> float:
+    """The global batch's summed loss, once every rank agrees it (and the clipped gradient's norm)
+    is finite; else Diverged, before the optimizer step, so no non-finite weight is ever saved.
+
+    One reduction per optimizer step carries both the loss and a not-finite flag, so the ranks
+    agree without a host sync per micro-batch."""
+    accelerator = t.accelerator
+    bad = ~torch.isfinite(loss_sum)
+    if cfg.max_grad_norm > 0:
+        norm = accelerator.clip_grad_norm_(t.model.parameters(), cfg.max_grad_norm)
+        # fp16's loss scaler expects an inf gradient now and then: it skips that step and rescales.
+        if norm is not None and accelerator.mixed_precision != "fp16":
+            bad = bad | ~torch.isfinite(torch.as_tensor(norm, device=loss_sum.device))
+    both = torch.stack([torch.where(bad, torch.zeros_like(loss_sum), loss_sum), bad.double()])
+    total, flagged = accelerator.reduce(both, reduction="sum").tolist()
+    if flagged:
+        raise Diverged(
+            f"mlm: step {step}: the loss or gradient is not finite (NaN/inf) on {int(flagged)} process(es); "
+            f"stopped before the optimizer step, nothing of step {step} saved, `latest` still names the last "
+            "good checkpoint; lower mlm.lr or raise mlm.warmup_ratio, then resume"
+        )
+    return total
 
 
 @functools.lru_cache(maxsize=1)

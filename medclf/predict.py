@@ -14,6 +14,9 @@ the chunk's rows to the output, which appears complete at the end or not at all.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
+import itertools
 import logging
 import time
 
@@ -21,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medclf import classifier, features, jobrecord, layout, runtime, storage
+from medclf import classifier, data, features, jobrecord, layout, runtime, storage
 from medclf.config import RunSpec, required
 from medclf.errors import MedclfError
 
@@ -77,15 +80,24 @@ def run(spec: RunSpec) -> None:
 
 
 def _chunks(source, url: str, text_column: str, chunk_rows: int):
-    """DataFrames of at most chunk_rows rows, all values as text; a missing text column names the file."""
+    """DataFrames of at most chunk_rows rows, all values as text; a missing text column names the file.
+
+    The CSV is checked as every job's input is (data.checked_records: broken quoting, a repeated
+    column name, a record of the wrong width, NUL bytes, bare carriage returns), record by record,
+    so memory stays one chunk however long the file is."""
+    lines = io.TextIOWrapper(source, encoding="utf-8-sig", newline="")
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # a long note is not a broken file
     try:
-        reader = pd.read_csv(source, dtype=str, keep_default_na=False, chunksize=chunk_rows, encoding="utf-8")
-        for chunk in reader:
-            if text_column not in chunk.columns:
-                raise MedclfError(
-                    f"{url}: missing column {text_column} (has: {', '.join(map(str, chunk.columns))}); "
-                    "set predict.text_column"
-                )
-            yield chunk
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise MedclfError(f"{url}: not a readable UTF-8 CSV ({' '.join(str(e).split())})") from None
+        records = data.checked_records(lines, url)
+        header = next(records, None)
+        if header is None:
+            raise MedclfError(f"{url}: file is empty")
+        columns = ["Unnamed: 0" if i == 0 and name == "" else name for i, name in enumerate(header)]
+        if text_column not in columns:
+            raise MedclfError(
+                f"{url}: missing column {text_column} (has: {', '.join(columns)}); set predict.text_column"
+            )
+        for chunk in iter(lambda: list(itertools.islice(records, chunk_rows)), []):
+            yield pd.DataFrame(chunk, columns=columns, dtype=str)
+    except UnicodeDecodeError as e:
+        raise MedclfError(f"{url}: not UTF-8 (bad byte 0x{e.object[e.start]:02x})") from None

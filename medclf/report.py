@@ -3,11 +3,15 @@
 Accuracy and weighted precision/recall/F1 (the original's metrics), macro F1, a per-class report,
 the confusion matrix, and any-label accuracy, which counts a prediction as right when it is any
 of the note's specialties (MTSamples files the same note under several).
+
+The three files get a manifest (medclf/manifest.py) written after them: a report without one was
+interrupted, and `read_metrics`/`is_complete` refuse it, as they refuse a file changed since.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 from typing import Optional
 
@@ -15,10 +19,12 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from medclf import data, layout, storage
+from medclf import data, layout, manifest, storage
+from medclf.errors import MedclfError
 
 log = logging.getLogger(__name__)
 
+METRICS = "metrics.json"
 HEADLINE = ["accuracy", "precision_weighted", "recall_weighted", "f1_weighted", "f1_macro", "any_label_accuracy"]
 
 
@@ -88,13 +94,37 @@ def write_report(
     label_sets: Optional[list[set[str]]],
     about: dict,
 ) -> dict:
-    """metrics.json, report.md and confusion.png under `out`; returns the metrics."""
+    """metrics.json, report.md and confusion.png under `out`, then their manifest (the completeness
+    marker: `read_metrics` and `is_complete` trust the report only once it is there); returns the metrics."""
     result = metrics(classes, y_true, y_pred, label_sets)
-    storage.write_json(storage.join(out, "metrics.json"), {**about, **result})
-    storage.write_bytes(storage.join(out, "confusion.png"), confusion_png(classes, result["confusion_matrix"]))
-    storage.write_text(storage.join(out, "report.md"), report_markdown(title, classes, result))
+    files = {
+        METRICS: (json.dumps({**about, **result}, indent=2) + "\n").encode("utf-8"),
+        "confusion.png": confusion_png(classes, result["confusion_matrix"]),
+        "report.md": report_markdown(title, classes, result).encode("utf-8"),
+    }
+    storage.remove(storage.join(out, manifest.MANIFEST))  # first: a report being replaced is never "complete"
+    for name, content in files.items():
+        storage.write_bytes(storage.join(out, name), content)
+    manifest.write(out, {name: manifest.entry(content) for name, content in files.items()}, kind="report")
     log.info("%s: %s", title, " ".join(f"{k} {result[k]:.4f}" for k in HEADLINE if result[k] is not None))
     return result
+
+
+def is_complete(out: str) -> bool:
+    """Whether `out` holds a complete, intact report (its three files match their manifest)."""
+    try:
+        read_metrics(out)
+        return True
+    except MedclfError:
+        return False
+
+
+def read_metrics(out: str) -> dict:
+    """metrics.json of the report under `out`, refused (one line) unless every report file matches the manifest."""
+    listing = manifest.verify(out, "report")
+    if METRICS not in listing["files"]:
+        raise MedclfError(f"{storage.join(out, manifest.MANIFEST)}: not a report manifest (no {METRICS})")
+    return json.loads(manifest.read_verified(out, METRICS, listing))
 
 
 def report_markdown(title: str, classes: list[str], result: dict) -> str:

@@ -18,6 +18,7 @@ import lzma
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from typing import IO, Any, Iterator, Optional, cast
 
@@ -305,9 +306,18 @@ def _local_atomic(path: str) -> Iterator[IO[bytes]]:
         raise
 
 
+# Test hook: after writing a file whose URL contains this text, log and sleep a minute, so that a
+# test can kill a job between two of its writes (a prepare, a head caching features, a compare).
+PAUSE_AFTER_ENV = "MEDCLF_TEST_PAUSE_AFTER_WRITE"
+
+
 def write_bytes(url: str, data: bytes) -> None:
     with atomic_write(url) as f:
         f.write(data)
+    pause_after = os.environ.get(PAUSE_AFTER_ENV)
+    if pause_after and pause_after in url:
+        log.warning("%s: pausing after writing %s", PAUSE_AFTER_ENV, url)
+        time.sleep(60)
 
 
 def write_text(url: str, text: str) -> None:

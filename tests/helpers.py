@@ -5,9 +5,12 @@ from here, never from each other."""
 from __future__ import annotations
 
 import hashlib
+import os
 import pathlib
 import shutil
 import socket
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -95,6 +98,24 @@ def make_tiny_bert(folder: pathlib.Path, csv: pathlib.Path, vocab_size: int = 10
     return folder
 
 
+def make_tiny_distilbert(folder: pathlib.Path, tiny_bert: pathlib.Path) -> pathlib.Path:
+    """A tiny DistilBertForMaskedLM on the tiny BERT's vocabulary: its head (`vocab_projector`) is not one
+    MaskedLM knows, so the job takes the full-projection loss path."""
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_bert / name).exists():
+            shutil.copy(tiny_bert / name, folder / name)
+    torch.manual_seed(0)
+    vocab = len((tiny_bert / "vocab.txt").read_text(encoding="utf-8").splitlines())
+    config = DistilBertConfig(
+        vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=128
+    )
+    DistilBertForMaskedLM(config).save_pretrained(folder)
+    return folder
+
+
 def make_classifier(folder: pathlib.Path, encoder: pathlib.Path, classes: list[str], max_length: int = 32, **windows):
     """A frozen tiny classifier (untrained head) saved as the head job saves one (`windows`: its
     stride, windows and window_pooling, else one truncated window)."""
@@ -155,6 +176,42 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"weights differ: {different[:5]}"
+
+
+def publish_killed_before_the_manifest(source: pathlib.Path, url: str, endpoint: str | None = None) -> None:
+    """Run manifest.publish_dir(source, url) in its own process and SIGKILL it at the test pause
+    before the manifest (`endpoint`: the S3 server's, credentials from the environment)."""
+    from medclf import manifest
+
+    code = "from medclf import manifest, storage, config\n"
+    if endpoint:
+        code += f"storage.configure(config.StorageSpec(endpoint_url={endpoint!r}))\n"
+    code += f"manifest.publish_dir({str(source)!r}, {url!r})"
+    kill_when_seen([sys.executable, "-c", code], {manifest.PAUSE_ENV: "120"}, "pausing before the manifest")
+
+
+def kill_when_seen(command: list[str], env: dict, pattern: str) -> str:
+    """Start `command` (this checkout first on the path, `env` added), SIGKILL it as soon as `pattern`
+    shows in its output; returns the output, once checked that the pattern came and the kill hit."""
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen = ""
+    try:
+        while pattern not in seen:
+            line = process.stdout.readline()
+            if not line and process.poll() is not None:
+                break
+            seen += line
+    finally:
+        process.kill()  # SIGKILL: no handler runs, no file is closed
+        seen += process.communicate(timeout=60)[0]
+    assert pattern in seen and process.returncode == -9, seen[-3000:]
+    return seen
 
 
 def free_port() -> int:

@@ -409,7 +409,7 @@ CASES = [
         edit_csv("notes.csv", set_cell("transcription", 7, "")),
         r"notes\.csv: row 8: empty transcription",
     ),
-    ("predict", "not UTF-8 text", PREDICT, not_utf8("notes.csv"), r"notes\.csv: not a readable UTF-8 CSV"),
+    ("predict", "not UTF-8 text", PREDICT, not_utf8("notes.csv"), r"notes\.csv: not UTF-8"),
     ("predict", "not a classifier folder", [*PREDICT, "predict.model={tiny}"], None, r"not a medclf classifier folder"),
     ("predict", "max_length above positions", PREDICT, other_classifier(max_length=256), r"max_length=256 is above"),
     ("predict", "existing output", PREDICT, write("pred.csv", "row\n"), r"pred\.csv: output exists"),

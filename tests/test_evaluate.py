@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medclf import config, evaluate, head, report
+from medclf import config, evaluate, head, report, storage
 from medclf.errors import MedclfError
 from tests.helpers import head_spec, make_small_run, tree
 
@@ -51,6 +51,43 @@ def test_report_files(tmp_path):
     assert (tmp_path / "confusion.png").read_bytes().startswith(b"\x89PNG")
 
 
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+def test_an_interrupted_or_altered_report_is_never_read_as_complete(tmp_path, monkeypatch):
+    out = str(tmp_path / "report")
+    with pytest.raises(MedclfError, match=r"incomplete report \(no manifest\.json\)"):
+        report.read_metrics(out)
+    write_bytes = storage.write_bytes
+
+    def killed_at_the_report(url, data):  # the job dies once metrics.json and confusion.png are written
+        if url.endswith("report.md"):
+            raise Killed
+        write_bytes(url, data)
+
+    monkeypatch.setattr(storage, "write_bytes", killed_at_the_report)
+    with pytest.raises(Killed):
+        report.write_report(out, "toy", CLASSES, Y_TRUE, Y_PRED, None, about={})
+    assert (tmp_path / "report" / "metrics.json").exists() and not report.is_complete(out)
+    with pytest.raises(MedclfError, match="incomplete report"):
+        report.read_metrics(out)
+    monkeypatch.setattr(storage, "write_bytes", write_bytes)
+    written = report.write_report(out, "toy", CLASSES, Y_TRUE, Y_PRED, None, about={})
+    assert report.is_complete(out) and report.read_metrics(out)["accuracy"] == written["accuracy"]
+
+    # a rerun over a complete report, killed midway: the old manifest went first, so it is incomplete again
+    monkeypatch.setattr(storage, "write_bytes", killed_at_the_report)
+    with pytest.raises(Killed):
+        report.write_report(out, "toy", CLASSES, Y_TRUE, Y_TRUE, None, about={})
+    assert not report.is_complete(out)
+    monkeypatch.setattr(storage, "write_bytes", write_bytes)
+    report.write_report(out, "toy", CLASSES, Y_TRUE, Y_PRED, None, about={})
+    (tmp_path / "report" / "report.md").write_text("edited")
+    with pytest.raises(MedclfError, match=r"report\.md: \d+ bytes, manifest says"):
+        report.read_metrics(out)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, prepared, tiny_bert):
     out = make_small_run(tmp_path_factory.mktemp("evaluate") / "run", prepared)
@@ -62,8 +99,8 @@ def trained(tmp_path_factory, prepared, tiny_bert):
 def test_evaluate_job_reuses_the_cached_features_and_agrees_with_the_head_report(trained):
     spec = config.load("evaluate", None, [f"out={trained}", "model=pretrained"])
     evaluate.run(spec)
-    ours = json.loads((trained / "evaluate" / "pretrained" / "metrics.json").read_text())
-    heads = json.loads((trained / "head-pretrained" / "metrics.json").read_text())
+    ours = report.read_metrics(str(trained / "evaluate" / "pretrained"))  # complete: its manifest verifies
+    heads = report.read_metrics(str(trained / "head-pretrained"))
     assert ours["confusion_matrix"] == heads["confusion_matrix"]
     for key in report.HEADLINE:
         assert ours[key] == pytest.approx(heads[key])

@@ -218,20 +218,22 @@ def test_the_feature_cache_key_holds_every_setting(tiny_bert):
     encoder, _, _ = classifier.load_encoder(str(tiny_bert))
     accelerator = runtime.make_accelerator()
     model = Classifier(encoder, Head(32, 3), "mean", frozen=True)
-    key = features.cache_key(model, accelerator, "fp", ["a", "b"], classifier.Windows(64))
+
+    def cache_key(model, accelerator, fingerprint, texts, windows):
+        return features.cache_key(fingerprint, texts, features.key_settings(model, windows, accelerator))
+
+    key = cache_key(model, accelerator, "fp", ["a", "b"], classifier.Windows(64))
     others = [
-        features.cache_key(model, accelerator, "fp2", ["a", "b"], classifier.Windows(64)),
-        features.cache_key(model, accelerator, "fp", ["a", "c"], classifier.Windows(64)),
-        features.cache_key(model, accelerator, "fp", ["a", "b"], classifier.Windows(32)),
-        features.cache_key(model, accelerator, "fp", ["a", "b"], classifier.Windows(64, stride=30)),
-        features.cache_key(model, accelerator, "fp", ["a", "b"], classifier.Windows(64, cap=1)),
-        features.cache_key(
-            Classifier(encoder, Head(32, 3), "cls", True), accelerator, "fp", ["a", "b"], classifier.Windows(64)
-        ),
-        features.cache_key(
+        cache_key(model, accelerator, "fp2", ["a", "b"], classifier.Windows(64)),
+        cache_key(model, accelerator, "fp", ["a", "c"], classifier.Windows(64)),
+        cache_key(model, accelerator, "fp", ["a", "b"], classifier.Windows(32)),
+        cache_key(model, accelerator, "fp", ["a", "b"], classifier.Windows(64, stride=30)),
+        cache_key(model, accelerator, "fp", ["a", "b"], classifier.Windows(64, cap=1)),
+        cache_key(Classifier(encoder, Head(32, 3), "cls", True), accelerator, "fp", ["a", "b"], classifier.Windows(64)),
+        cache_key(
             Classifier(encoder, Head(32, 3), "mean", True, "max"), accelerator, "fp", ["a", "b"], classifier.Windows(64)
         ),
-        features.cache_key(
+        cache_key(
             Classifier(encoder.to(torch.float64), Head(32, 3), "mean", True),
             accelerator,
             "fp",

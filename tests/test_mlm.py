@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -14,10 +15,20 @@ import time
 import pytest
 import torch
 
-from medclf import checkpoint, config, mlm
-from medclf.errors import EXIT_PREEMPTED, MedclfError
+from medclf import checkpoint, cli, config, mlm
+from medclf.errors import EXIT_DIVERGED, EXIT_PREEMPTED, MedclfError
 from medclf.masking import IGNORE, Masker, epoch_order, pack, token_stream
-from tests.helpers import REPO, TINY_MLM_ARGS, assert_same_weights, make_mlm_run, mlm_spec, tree, weights
+from tests.helpers import (
+    REPO,
+    TINY_MLM_ARGS,
+    assert_same_weights,
+    make_mlm_run,
+    make_tiny_distilbert,
+    mlm_spec,
+    run_cli,
+    tree,
+    weights,
+)
 
 # ---------------------------------------------------------------- the loss
 
@@ -38,6 +49,75 @@ def test_masked_only_loss_equals_stock_loss(tiny_bert):
 
 
 # ---------------------------------------------------------------- masks and blocks
+
+
+def test_the_full_projection_loss_is_a_sum_and_zero_when_nothing_is_masked(tiny_bert, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    folder = make_tiny_distilbert(tmp_path / "distil", tiny_bert)
+    model = mlm.MaskedLM(AutoModelForMaskedLM.from_pretrained(folder)).eval()
+    assert mlm.prediction_head(model.model) is None  # DistilBERT's vocab_projector: the fallback path
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(5, 900, (2, 16), generator=generator)
+    nothing = torch.full_like(input_ids, IGNORE)
+    chosen = torch.rand(2, 16, generator=generator) < 0.3
+    labels = torch.where(chosen, input_ids, nothing)
+    with torch.no_grad():
+        assert model(input_ids, nothing).item() == 0.0  # the stock mean over no token is NaN
+        stock = model.model(input_ids=input_ids, labels=labels).loss
+        assert torch.allclose(model(input_ids, labels) / chosen.sum(), stock, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_distilbert_with_unmasked_micro_batches_trains_to_finite_weights(tiny_bert, mtsamples, tmp_path):
+    # Blocks of 8 tokens at 5% masking: most single-block micro-batches have no masked token at all.
+    model = make_tiny_distilbert(tmp_path / "distil", tiny_bert)
+    out = make_mlm_run(tmp_path / "run", mtsamples, train_rows=2)
+    args = ["max_length=8", "mlm_probability=0.05", "batch_size=4", "micro_batch_size=1", "max_steps=6"]
+    mlm.run(mlm_spec(out, model, *args))
+    history = json.loads((out / "mlm" / "metrics.json").read_text())["history"]
+    assert len(history) == 6 and all(math.isfinite(loss) for _, loss, _ in history), history
+    assert all(torch.isfinite(t).all() for t in weights(out).values())
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_before_the_step_and_nothing_non_finite_is_saved(
+    tiny_bert, mtsamples, tmp_path, capsys, monkeypatch
+):
+    calls = []
+    forward = mlm.MaskedLM.forward
+
+    def poisoned(self, input_ids, labels):  # the 3rd step's first micro-batch (2 per step) gives NaN
+        loss = forward(self, input_ids, labels)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 5:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(mlm.MaskedLM, "forward", poisoned)
+    out = make_mlm_run(tmp_path / "run", mtsamples, train_rows=2)
+    code, line = run_cli(
+        [
+            "mlm",
+            f"out={out}",
+            f"model={tiny_bert}",
+            *TINY_MLM_ARGS,
+            "max_length=32",
+            "max_steps=5",
+            "checkpoint_every=1",
+        ],
+        capsys,
+    )
+    assert code == EXIT_DIVERGED == 3
+    assert "step 3: the loss or gradient is not finite" in line and "lower mlm.lr" in line, line
+    root = out / "mlm" / "checkpoints"
+    assert checkpoint.list_steps(str(root)) == [1, 2]
+    assert (root / "latest").read_text().strip() == "step-0000002"
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(str(root / "step-0000002" / "model.safetensors")).values())
+    assert not (out / "mlm" / "model").exists() and not (out / "mlm" / "metrics.json").exists()
 
 
 def test_masks_are_seeded_by_epoch_and_follow_80_10_10(tiny_bert):
@@ -154,6 +234,27 @@ def test_inputs_are_checked_before_training(tiny_bert, mtsamples, tmp_path):
     with pytest.raises(MedclfError, match=r"mlm\.batch_size: 800 blocks per step"):
         mlm.run(mlm_spec(out, tiny_bert, "batch_size=800", "micro_batch_size=8"))
     assert not (out / "mlm" / "model").exists()
+
+
+@pytest.mark.slow
+def test_changed_optimizer_settings_are_refused_naming_each_key_and_overwrite_starts_over(
+    tiny_bert, mtsamples, tmp_path, capsys
+):
+    # The case: a checkpoint at step 3 made with lr=1e-4, re-run with another lr, warm-up and length.
+    out = make_mlm_run(tmp_path / "run", mtsamples, train_rows=2)
+    base = ["mlm", f"out={out}", f"model={tiny_bert}", *TINY_MLM_ARGS, "max_length=32", "micro_batch_size=8"]
+    cli.main([*base, "lr=1e-4", "max_steps=3", "checkpoint_every=3"])
+    shutil.rmtree(out / "mlm" / "model")
+    before = tree(out / "mlm" / "checkpoints")
+    code, line = run_cli([*base, "lr=5e-3", "warmup_ratio=0.5", "max_steps=6"], capsys)
+    assert code == 2
+    for changed in ("lr=0.0001 there, 0.005 now", "warmup_ratio=0.06 there, 0.5 now", "max_steps=3 there, 6 now"):
+        assert changed in line, line
+    assert "overwrite=true to start over" in line and "epochs=" not in line
+    assert tree(out / "mlm" / "checkpoints") == before and not (out / "mlm" / "model").exists()
+    # overwrite=true (resume left at auto) starts over with the new settings
+    cli.main([*base, "lr=5e-3", "warmup_ratio=0.5", "max_steps=2", "checkpoint_every=3", "overwrite=true"])
+    assert checkpoint.list_steps(str(out / "mlm" / "checkpoints")) == [2]
 
 
 @pytest.mark.slow

@@ -90,6 +90,26 @@ def test_predict_bad_input(model_dir, notes, tmp_path):
         run("overwrite=true", "chunk_rows=4")
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("transcription,id,id\na note,1,2\n", r"line 1: header names column 'id' twice"),
+        ('id,transcription\n1,"a note\n2,another note\n', r"line 2: .*a quote that never closes"),
+        ('id,transcription\n1,"a note" and more\n', r"line 2: broken quoting"),
+        ("id,transcription\n1,a note\n2,another,note\n", r"line 3: 3 fields, the header has 2"),
+        ("id,transcription\n1,a note\r2,another\n", r"line 2: ends with a bare carriage return"),
+        ("id,transcription\n1,a \0note\n", r"line 2: NUL byte"),
+    ],
+)
+def test_predict_refuses_what_pandas_would_silently_repair(text, expected, model_dir, tmp_path):
+    source, target = tmp_path / "notes.csv", tmp_path / "pred.csv"
+    source.write_text(text, encoding="utf-8")
+    spec = config.load("predict", None, [f"model={model_dir}", f"input={source}", f"output={target}", "chunk_rows=1"])
+    with pytest.raises(MedclfError, match=rf"notes\.csv: {expected}"):
+        predict.run(spec)
+    assert not target.exists() and list(tmp_path.iterdir()) == [source]
+
+
 def test_two_ranks_write_the_same_rows_as_one_process(model_dir, notes, tmp_path):
     """A real 2-rank gloo run (PLATFORM.md: --multi_gpu plus ACCELERATE_USE_CPU=1): the shards gather back in order."""
 

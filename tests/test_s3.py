@@ -279,6 +279,22 @@ def test_model_folder_on_s3_is_fetched_once_and_checked_against_its_manifest(s3,
         models.resolve(f"{s3.url}/models/absent")
 
 
+@pytest.mark.slow
+def test_a_model_folder_whose_publish_was_killed_is_never_fetched_as_complete(s3, tiny_bert, tmp_path, monkeypatch):
+    from medclf import manifest
+    from tests.helpers import publish_killed_before_the_manifest
+
+    monkeypatch.setattr(models, "CACHE", str(tmp_path / "cache"))
+    url = f"{s3.url}/models/tiny-bert"
+    publish_killed_before_the_manifest(tiny_bert, url, s3.server.endpoint)
+    assert "models/tiny-bert/model.safetensors" in s3.keys() and "models/tiny-bert/manifest.json" not in s3.keys()
+    with pytest.raises(MedclfError, match=rf"{url}: incomplete model \(its publishing was interrupted"):
+        models.resolve(url)
+    assert not [p for p in (tmp_path / "cache").rglob(".complete")]  # nothing cached as complete
+    manifest.publish_dir(str(tiny_bert), url)  # the rerun publishes it whole: now it loads
+    assert os.path.isfile(os.path.join(models.resolve(url), "model.safetensors"))
+
+
 # ---------------------------------------------------------------- the mlm job on S3
 
 
