@@ -244,16 +244,18 @@ def test_head_killed_while_caching_features_reruns_to_the_same_outputs(prepared,
     assert again.keys() == features.keys() and all(torch.equal(again[k], features[k]) for k in features)
 
 
-def test_compare_killed_between_its_files_reruns_to_the_same_outputs(prepared, tiny_bert, tmp_path):
+def test_compare_killed_between_its_files_reruns_with_overwrite_to_the_same_outputs(prepared, tiny_bert, tmp_path):
     run = make_small_run(tmp_path / "run", prepared)
     other = shutil.copytree(tiny_bert, tmp_path / "other-bert")
     args = ["compare", f"out={run}", f"mlm.model={tiny_bert}", "head.max_length=64", "head.epochs=2"]
     args += [f"compare.encoders=[pretrained, {other}]", "compare.seeds=2", "compare.bootstrap=200"]
     cli.main(args)
     outputs = {name: (run / name).read_bytes() for name in ("comparison.json", "comparison.md")}
-    for name in outputs:  # the same run folder again: the outputs name its paths
+    for name in [*outputs, "comparison.job.json"]:  # the same run folder again: the outputs name its paths
         (run / name).unlink()
     killed_after_writing(args, "comparison.json")  # the json written, the md (the job's last file) not
     assert (run / "comparison.json").exists() and not (run / "comparison.md").exists()
-    cli.main(args)  # the same command again: no comparison.md, so it is no "existing output"
+    with pytest.raises(SystemExit):  # an output without the job's record: refused, naming overwrite=true
+        cli.main(args)
+    cli.main([*args, "overwrite=true"])  # what the refusal tells a user to re-run
     assert {name: (run / name).read_bytes() for name in outputs} == outputs
