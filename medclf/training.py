@@ -55,19 +55,7 @@ def fit(
     Each epoch's log line is appended to `history`.
     """
     world = accelerator.num_processes
-    if batch_size % world:
-        raise MedclfError(f"head.batch_size={batch_size} is not a multiple of the {world} processes")
-    micro = micro_batch_size or batch_size // world
-    runtime.accumulation_steps(batch_size, micro, world, key="head.batch_size")  # refuses a split that cannot be
-    runtime.seed_everything(seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size // world,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-        # each of a process's batches comes as its micro-batches, collated one by one
-        collate_fn=functools.partial(_micro_batches, getattr(dataset, "collate", default_collate), micro),
-    )
+    loader = _loader(dataset, batch_size, micro_batch_size, world, seed)
     optimizer = _optimizer(model, lr, encoder_lr)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     # The scheduler stays unprepared: Accelerate would step it once per process.
@@ -82,28 +70,12 @@ def fit(
 
     best: tuple[float, int, dict] | None = None
     for epoch in range(1, epochs + 1):
-        model.train()
-        total, count = torch.zeros((), device=accelerator.device), 0
-        for micro_batches in loader:
-            # -- forward and backward per micro-batch, then one optimizer (and schedule) step
-            loss_sum, rows = _accumulate(accelerator, model, micro_batches)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            total += loss_sum
-            count += rows
-            progress.update(rows * world, loss=loss_sum.item() / rows)
-
-        # -- log: mean training loss over all ranks, and validation accuracy when features are at hand
-        scalars = {"epoch": epoch, "loss": float(accelerator.reduce(total, "sum")) / max(count * world, 1)}
+        loss = _train_epoch(accelerator, model, optimizer, scheduler, loader, progress)
+        scalars: dict[str, float] = {"epoch": epoch, "loss": loss}
         if scheduler is not None:
-            scalars["lr"] = scheduler.get_last_lr()[-1]  # the head's lr for the next step: 0 after the last
+            scalars["lr"] = float(scheduler.get_last_lr()[-1])  # the head's lr for the next step: 0 after the last
         if validation is not None:
-            model.eval()
-            with torch.no_grad():
-                predicted = model(validation[0].to(accelerator.device)).argmax(-1).cpu().numpy()
-            scalars["val_acc"] = float((predicted == validation[1]).mean())
+            scalars["val_acc"] = _accuracy(accelerator, model, *validation)
         if dev is not None:
             scores = dev(accelerator.unwrap_model(model))
             scalars |= {f"dev_{k}": v for k, v in scores.items()}
@@ -120,6 +92,48 @@ def fit(
     progress.close()
     torch.set_num_threads(threads)
     return unwrapped
+
+
+def _loader(dataset: Dataset, batch_size: int, micro_batch_size: Optional[int], world: int, seed: int) -> DataLoader:
+    """Shuffled (seeded) batches of batch_size / world examples per process, each as its micro-batches."""
+    if batch_size % world:
+        raise MedclfError(f"head.batch_size={batch_size} is not a multiple of the {world} processes")
+    micro = micro_batch_size or batch_size // world
+    runtime.accumulation_steps(batch_size, micro, world, key="head.batch_size")  # refuses a split that cannot be
+    runtime.seed_everything(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size // world,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        # each of a process's batches comes as its micro-batches, collated one by one
+        collate_fn=functools.partial(_micro_batches, getattr(dataset, "collate", default_collate), micro),
+    )
+
+
+def _train_epoch(accelerator: Accelerator, model, optimizer, scheduler, loader, progress) -> float:
+    """One pass over the loader: per batch, forward and backward per micro-batch, then one optimizer
+    (and schedule) step. Returns the mean training loss over all ranks."""
+    model.train()
+    total, count = torch.zeros((), device=accelerator.device), 0
+    for micro_batches in loader:
+        loss_sum, rows = _accumulate(accelerator, model, micro_batches)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        total += loss_sum
+        count += rows
+        progress.update(rows * accelerator.num_processes, loss=loss_sum.item() / rows)
+    return float(accelerator.reduce(total, "sum")) / max(count * accelerator.num_processes, 1)
+
+
+def _accuracy(accelerator: Accelerator, model, vectors: torch.Tensor, labels: np.ndarray) -> float:
+    """Accuracy on feature vectors at hand (logged only; nothing is chosen by it)."""
+    model.eval()
+    with torch.no_grad():
+        predicted = model(vectors.to(accelerator.device)).argmax(-1).cpu().numpy()
+    return float((predicted == labels).mean())
 
 
 def _micro_batches(collate: Callable, size: int, items: list) -> list:
