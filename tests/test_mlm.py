@@ -245,6 +245,7 @@ def test_changed_optimizer_settings_are_refused_naming_each_key_and_overwrite_st
     base = ["mlm", f"out={out}", f"model={tiny_bert}", *TINY_MLM_ARGS, "max_length=32", "micro_batch_size=8"]
     cli.main([*base, "lr=1e-4", "max_steps=3", "checkpoint_every=3"])
     shutil.rmtree(out / "mlm" / "model")
+    (out / "mlm" / "job.json").unlink()  # as if stopped after its step-3 checkpoint: no model, no record
     before = tree(out / "mlm" / "checkpoints")
     code, line = run_cli([*base, "lr=5e-3", "warmup_ratio=0.5", "max_steps=6"], capsys)
     assert code == 2

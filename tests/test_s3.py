@@ -100,7 +100,8 @@ def test_cli_missing_bucket_or_wrong_credentials_is_one_line_and_writes_nothing(
             assert s3.server.secret not in denied.stderr + denied.stdout and wrong not in denied.stderr + denied.stdout
     assert s3.keys() == before and not (tmp_path / "run").exists()
 
-    # Right credentials, and the endpoint from the standard environment this time: the four files.
+    # Right credentials, and the endpoint from the standard environment this time: the four files and
+    # the job's record.
     ok = medclf(
         "prepare",
         f"out={s3.url}/run",
@@ -110,7 +111,7 @@ def test_cli_missing_bucket_or_wrong_credentials_is_one_line_and_writes_nothing(
     )
     assert ok.returncode == 0, ok.stderr
     assert s3.server.secret not in ok.stderr + ok.stdout
-    assert len(s3.keys("run/prepare/")) == 4
+    assert len(s3.keys("run/prepare/")) == 5 and s3.keys("run/prepare/")[0] == "run/prepare/job.json"
 
 
 def test_unreachable_endpoint_fails_in_bounded_time(s3, tmp_path):
