@@ -4,6 +4,7 @@
                         optimizer.{safetensors,json}, scheduler.{safetensors,json}
                         rng-rank00000.safetensors  torch/cuda/numpy/python RNG of each rank
                         state.json                 step, epoch, position in the data, metrics so far
+                        state.safetensors          the state's tensors, when it has any (fine-tuning)
                         spec.yaml                  the resolved spec of the run
                         manifest.json              size and SHA-256 of every file above, written LAST
     <root>/latest                                  "step-0000500", updated after the manifest
@@ -12,6 +13,10 @@ Nothing is pickled: tensors go to safetensors, everything else to JSON. The mani
 written and verified by medclf/manifest.py) makes a folder complete: a folder without one is an
 interrupted save and is never loaded; a file whose size or hash differs is refused by name.
 `find_latest` starts from the checkpoint `latest` names and walks back to the first one that verifies.
+
+The jobs that checkpoint (mlm, fine-tuning in head) share the rest too: `choose` picks what to resume
+from, `resume` restores it once it was made with the same settings, and `State` is the common part
+of what each loop carries from step to step.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ import json
 import logging
 import random
 import re
-from typing import Any, Optional, cast
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, TypeVar, cast
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -77,7 +84,10 @@ def save(
             tree, tensors = encode(obj)
             written[f"{name}.safetensors"] = save_tensors(tensors)
             written[f"{name}.json"] = _json_bytes(tree)
-        written["state.json"] = _json_bytes({**state, "step": step, "world_size": accelerator.num_processes})
+        tree, tensors = encode({**state, "step": step, "world_size": accelerator.num_processes})
+        written["state.json"] = _json_bytes(tree)
+        if tensors:
+            written["state.safetensors"] = save_tensors(tensors)
         written["spec.yaml"] = spec_yaml.encode("utf-8")
         for name, data in written.items():
             if not name.startswith("rng-"):
@@ -220,7 +230,7 @@ def read_latest(root: str) -> Optional[int]:
 
 
 def load(url: str, accelerator: Any, *, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict:
-    """Restore weights, optimizer, scheduler and this rank's RNG from `url`; returns state.json."""
+    """Restore weights, optimizer, scheduler and this rank's RNG from `url`; returns the saved state."""
     listing = manifest.read(url)
 
     # -- weights: tied copies were stored once, so exactly the aliases may be missing
@@ -251,7 +261,9 @@ def load(url: str, accelerator: Any, *, model: torch.nn.Module, optimizer: Any, 
             url,
             accelerator.process_index,
         )
-    return json.loads(manifest.read_verified(url, "state.json", listing))
+    tree = json.loads(manifest.read_verified(url, "state.json", listing))
+    has_tensors = "state.safetensors" in listing["files"]
+    return decode(tree, load_tensors(manifest.read_verified(url, "state.safetensors", listing)) if has_tensors else {})
 
 
 def _metadata(data: bytes) -> dict:
@@ -270,3 +282,65 @@ def _set_rng(data: bytes) -> None:
     np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, words, gauss_next = meta["python"]
     random.setstate((version, tuple(words), gauss_next))
+
+
+# ---------------------------------------------------------------- resuming a job
+
+
+StateT = TypeVar("StateT", bound="State")
+
+
+@dataclass
+class State:
+    """What a training loop carries from step to step: the schema of a checkpoint's state (each job
+    adds its own fields; tensors among them go to state.safetensors)."""
+
+    step: int = 0
+    run: dict = field(default_factory=dict)  # the settings (and inputs) the run was made with
+    world_size: int = 1  # written by `save`
+
+    @classmethod
+    def from_json(cls: type[StateT], saved: dict) -> StateT:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
+
+
+def choose(resume: str, root: str, overwrite: bool, accelerator: Any, start_over: str) -> Optional[str]:
+    """The checkpoint under `root` to continue from, or None, as `resume` (auto, never or a URL) says;
+    the main process picks a verified one and tells the others. overwrite=true starts over: nothing
+    is resumed, and `start_over` (the job's folder, checkpoints included) is removed."""
+    main = accelerator.is_main_process
+    resume_url = None
+    if resume == "never":
+        if list_steps(root) and not overwrite:
+            raise MedclfError(f"{root}: checkpoints exist; resume=auto continues them, overwrite=true starts over")
+    elif resume == "auto":
+        found = find_latest(root) if main and not overwrite else None
+        chosen = broadcast(torch.tensor([int(found.rsplit("-", 1)[1]) if found else -1], device=accelerator.device))
+        resume_url = step_url(root, int(chosen.item())) if chosen.item() >= 0 else None
+    else:
+        resume_url = resume
+        if main:
+            manifest.verify(resume_url)
+    if main and resume_url is None and overwrite:
+        storage.remove(start_over)
+    accelerator.wait_for_everyone()
+    return resume_url
+
+
+def resume(url: str, accelerator: Any, *, model: torch.nn.Module, optimizer: Any, scheduler: Any, run: dict) -> dict:
+    """`load`, refused before anything is restored when the checkpoint was made with other `run`
+    settings; returns the saved state."""
+    saved = json.loads(manifest.read_verified(url, "state.json", manifest.read(url)))
+    check_same_settings(url, saved.get("run") or {}, run)
+    return load(url, accelerator, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def check_same_settings(url: str, saved: dict, now: dict) -> None:
+    """Refuse, in one line naming every changed key with both values, a checkpoint made otherwise."""
+    changed = [f"{k}={saved.get(k)!r} there, {v!r} now" for k, v in now.items() if saved.get(k) != v]
+    if changed:
+        raise MedclfError(
+            f"{url}: made with other settings ({'; '.join(changed)}); "
+            "set them back to continue it, or overwrite=true to start over"
+        )

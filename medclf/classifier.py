@@ -133,6 +133,10 @@ class Classifier(nn.Module):
         self.window_pooling, self.max_windows = window_pooling, max_windows
         if frozen:
             self.encoder.requires_grad_(False)
+        elif isinstance(getattr(encoder, "pooler", None), nn.Module):
+            # A note's vector comes from the last layer (`pool`), never from the encoder's own pooler:
+            # it would get no gradient, which DDP refuses on several processes. It stays as loaded.
+            encoder.pooler.requires_grad_(False)
 
     def train(self, mode: bool = True) -> "Classifier":
         super().train(mode)

@@ -119,9 +119,7 @@ class MlmSpec:
             found.append(f"mlm.mlm_probability: must be between 0 and 1, got {self.mlm_probability}")
         if _is_number(self.max_steps) and self.max_steps < 1:
             found.append(f"mlm.max_steps: must be at least 1 (null trains for mlm.epochs), got {self.max_steps}")
-        if isinstance(self.resume, str) and self.resume not in ("auto", "never") and not _looks_like_url(self.resume):
-            found.append(f"mlm.resume: must be auto, never or a checkpoint URL, got {self.resume!r}")
-        return found
+        return found + _resume_problems("mlm", self.resume)
 
 
 @dataclass
@@ -167,9 +165,15 @@ class HeadSpec:
         "share of training notes held out as a grouped dev fold: the head trains on the rest, is scored "
         "on it each epoch and keeps its best epoch (weighted F1); 0: off, train on all and keep the last",
     )
+    checkpoint_every: int = opt(200, "fine-tuning: save a checkpoint every N optimizer steps (and at the end)")
+    keep_last: int = opt(
+        2, "fine-tuning: complete checkpoints kept (each holds the model, Adam's moments, the best epoch's)"
+    )
+    resume: str = opt("auto", "fine-tuning: auto, never or a checkpoint URL, as mlm.resume")
 
     def problems(self) -> list[str]:
-        found = _at_least(self, "head", 1, "encode_batch_size")
+        found = _at_least(self, "head", 1, "encode_batch_size", "checkpoint_every", "keep_last")
+        found += _resume_problems("head", self.resume)
         if _is_number(self.dev_fraction) and not 0 <= self.dev_fraction < 1:
             found.append(f"head.dev_fraction: must be at least 0 and below 1, got {self.dev_fraction}")
         if self.standardize is True and self.freeze is False:
@@ -280,6 +284,12 @@ def required(value: Optional[T], key: str) -> T:
     if value is None:
         raise MedclfError(f"{key}: required but not set")
     return value
+
+
+def _resume_problems(section: str, resume: Any) -> list[str]:
+    if isinstance(resume, str) and resume not in ("auto", "never") and not _looks_like_url(resume):
+        return [f"{section}.resume: must be auto, never or a checkpoint URL, got {resume!r}"]
+    return []
 
 
 def _looks_like_url(text: str) -> bool:

@@ -6,20 +6,24 @@
 
 Writes <out>/head-<name>/{model/, metrics.json, report.md, confusion.png, spec.yaml}; a frozen
 run also leaves its features under <out>/features/ for later heads, evaluate and compare.
+Fine-tuning, which can run for hours, is preemptible as mlm is: checkpoints under
+<out>/head-<name>/checkpoints/, `head.resume: auto`, and SIGTERM/SIGUSR1 saving and exiting 75.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from sklearn.metrics import f1_score
 from torch.utils.data import TensorDataset
 
-from medclf import config, data, features, jobrecord, layout, report, runtime, storage
+from medclf import checkpoint, config, data, features, jobrecord, layout, report, runtime, storage
 from medclf.classifier import (
     Classifier,
     ClassifierInfo,
@@ -32,7 +36,7 @@ from medclf.classifier import (
 )
 from medclf.config import RunSpec
 from medclf.errors import MedclfError
-from medclf.training import Notes, Standardizer, fit, probabilities
+from medclf.training import Checkpoints, Notes, Standardizer, fit, probabilities
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,16 @@ FINE_TUNE_WARMUP = 0.1
 
 
 def run(spec: RunSpec) -> None:
+    # Fine-tuning can run for hours: SIGTERM/SIGUSR1 stop it with a checkpoint (exit 75), as mlm.
+    # A frozen head trains in seconds on cached features and keeps the default handlers.
+    if spec.head.freeze:
+        _run(spec, None)
+        return
+    with runtime.StopSignal() as stop:
+        _run(spec, stop)
+
+
+def _run(spec: RunSpec, stop: Optional[runtime.StopSignal]) -> None:
     cfg, paths = spec.head, layout.Run.of(spec)
     name = cfg.name or head_name(cfg.encoder)
     out = paths.head(name)
@@ -59,9 +73,17 @@ def run(spec: RunSpec) -> None:
         paths.out, [cfg.train or paths.prepared_train, cfg.validation or paths.prepared_validation]
     )
     inputs["head.encoder"] = jobrecord.model_fingerprint(ref)
-    record = jobrecord.Record("head", paths.head_record(name), jobrecord.keys("head", spec), inputs, [out], [out])
+    # A folder holding only fine-tuning's checkpoints is an interrupted training (resume continues
+    # it); anything else there without a record is refused.
+    made = [out] if set(storage.listdir(out)) - {"checkpoints"} else []
+    record = jobrecord.Record("head", paths.head_record(name), jobrecord.keys("head", spec), inputs, [out], made)
     if jobrecord.up_to_date(record, spec.overwrite, accelerator):
         return
+    train_and_score: Callable[..., tuple] = _train_frozen
+    if stop is not None:
+        checkpoints = fine_tune_checkpoints(spec, name, record, accelerator, stop)
+        train_and_score = functools.partial(_fine_tune, checkpoints=checkpoints)
+    runtime.seed_everything(seed)  # weights a checkpoint lacks (a pooler) are initialised the same every run
     encoder, tokenizer, where = load_encoder(ref)
     check_max_length(cfg.max_length, where, ref, "head.max_length")
     runtime.seed_everything(seed)
@@ -75,7 +97,6 @@ def run(spec: RunSpec) -> None:
         "frozen (cached features)" if cfg.freeze else "fine-tuning everything",
         seed,
     )
-    train_and_score = _train_frozen if cfg.freeze else _fine_tune
     history: list[dict] = []
     head, probs, encoder_fingerprint = train_and_score(
         spec, accelerator, model, tokenizer, where, train, validation, dev, history
@@ -83,19 +104,7 @@ def run(spec: RunSpec) -> None:
 
     # -- save the classifier (main process), then its report on the validation split
     if accelerator.is_main_process:
-        info = ClassifierInfo(
-            classes=classes,
-            encoder="encoder" if not cfg.freeze else portable(ref),
-            encoder_fingerprint=encoder_fingerprint,
-            pooling=cfg.pooling,
-            max_length=cfg.max_length,
-            hidden_size=encoder.config.hidden_size,
-            dropout=cfg.dropout,
-            frozen=cfg.freeze,
-            stride=cfg.stride,
-            windows=cfg.windows,
-            window_pooling=cfg.window_pooling,
-        )
+        info = classifier_info(cfg, classes, ref, encoder_fingerprint, encoder.config.hidden_size)
         encoder_saved = None if cfg.freeze else model.encoder
         save(storage.join(out, "model"), head, info, encoder=encoder_saved, tokenizer=tokenizer)
         storage.write_text(storage.join(out, "spec.yaml"), config.to_yaml(spec))
@@ -111,6 +120,23 @@ def run(spec: RunSpec) -> None:
         )
         jobrecord.write(record)
     accelerator.wait_for_everyone()
+
+
+def classifier_info(cfg, classes: list[str], ref: str, encoder_fingerprint: str, hidden_size: int) -> ClassifierInfo:
+    """What classifier.json records of this head: a fine-tuned one carries its encoder in model/encoder/."""
+    return ClassifierInfo(
+        classes=classes,
+        encoder="encoder" if not cfg.freeze else portable(ref),
+        encoder_fingerprint=encoder_fingerprint,
+        pooling=cfg.pooling,
+        max_length=cfg.max_length,
+        hidden_size=hidden_size,
+        dropout=cfg.dropout,
+        frozen=cfg.freeze,
+        stride=cfg.stride,
+        windows=cfg.windows,
+        window_pooling=cfg.window_pooling,
+    )
 
 
 def _train_frozen(
@@ -150,10 +176,39 @@ def _train_frozen(
     return head, probabilities(head, validation_x, accelerator), encoder_fingerprint
 
 
+def fine_tune_checkpoints(
+    spec: RunSpec, name: str, record: jobrecord.Record, accelerator, stop: runtime.StopSignal
+) -> Checkpoints:
+    """Fine-tuning's checkpoints under <out>/head-<name>/checkpoints and the one to resume from
+    (head.resume, as mlm.resume). Each records the job's keys and input fingerprints: a checkpoint
+    made with other settings or data is refused by name."""
+    cfg, paths = spec.head, layout.Run.of(spec)
+    root = paths.head_checkpoints(name)
+    return Checkpoints(
+        root=root,
+        every=cfg.checkpoint_every,
+        keep_last=cfg.keep_last,
+        resume_url=checkpoint.choose(cfg.resume, root, spec.overwrite, accelerator, paths.head(name)),
+        run=record.keys | record.inputs,
+        spec_yaml=config.to_yaml(spec),
+        stop=stop,
+    )
+
+
 def _fine_tune(
-    spec: RunSpec, accelerator, model: Classifier, tokenizer, where: str, train, validation, dev, history: list
+    spec: RunSpec,
+    accelerator,
+    model: Classifier,
+    tokenizer,
+    where: str,
+    train,
+    validation,
+    dev,
+    history: list,
+    checkpoints: Checkpoints,
 ):
-    """The loop runs through the encoder, every batch, every epoch; returns (head, probabilities, "")."""
+    """The loop runs through the encoder, every batch, every epoch, checkpointing as it goes;
+    returns (head, probabilities, "")."""
     cfg, seed = spec.head, spec.seed if spec.head.seed is None else spec.head.seed
     _, train_df, train_y = train
     windows = features.windows_of(cfg)
@@ -178,6 +233,7 @@ def _fine_tune(
         warmup_ratio=FINE_TUNE_WARMUP if cfg.warmup_ratio is None else cfg.warmup_ratio,
         dev=score if dev is not None else None,
         history=history,
+        checkpoints=checkpoints,
     )
     return model.head, probabilities(model.head, vectors(model, validation[1]), accelerator), ""
 

@@ -8,7 +8,8 @@ with what it is asked to do now:
 - something differs: one error line naming each difference with both values (exit 2), unless
   `overwrite=true`, which discards the job's outputs (checkpoints included) and starts it over;
 - outputs but no record (an interrupted or older run): refused unless `overwrite=true`. The one
-  exception is mlm's checkpoints without a model: an interrupted training, which resume=auto continues.
+  exception is checkpoints without a model (mlm's, or a head folder holding only fine-tuning's):
+  an interrupted training, which resume=auto continues.
 
 Only the keys that shape a job's outputs are recorded (KEYS, one list per job); keys that change
 speed, logging or storage but give the same result are not. Inputs are fingerprinted by content:

@@ -6,7 +6,8 @@
 <out>/mlm/model/                    the adapted encoder (manifest last)
 <out>/mlm/metrics.json, trackers/   its metrics and tracker logs
 <out>/features/                     cached encoder features (head, evaluate, compare)
-<out>/head-<name>/                  a head: model/, metrics.json, report.md, confusion.png, spec.yaml
+<out>/head-<name>/                  a head: model/, metrics.json, report.md, confusion.png, spec.yaml;
+                                    fine-tuning's checkpoints/step-NNNNNNN/ too
 <out>/evaluate/<name>/              an evaluate job's report
 <out>/comparison.{md,json}          the compare job
 <folder>/job.json                   what made a job's outputs, written last (medclf/jobrecord.py):
@@ -104,6 +105,9 @@ class Run:
 
     def head_model(self, name: str) -> str:
         return self._at(f"head-{name}", "model")
+
+    def head_checkpoints(self, name: str) -> str:
+        return self._at(f"head-{name}", "checkpoints")
 
     def head_record(self, name: str) -> str:
         return self._at(f"head-{name}", RECORD)

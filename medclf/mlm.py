@@ -16,16 +16,14 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate.utils import broadcast
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 from transformers.modeling_utils import PreTrainedModel
 
@@ -65,8 +63,7 @@ RESUME_KEYS = (
     "eval_seed",
     "eval_blocks",
 )
-# Test hook: seconds to sleep after every step, so a test can signal a run that is mid-training.
-STEP_SLEEP_ENV = "MEDCLF_TEST_STEP_SLEEP"
+STEP_SLEEP_ENV = runtime.STEP_SLEEP_ENV  # the test hook: seconds to sleep after every step
 
 
 class MaskedLM(torch.nn.Module):
@@ -103,23 +100,16 @@ def prediction_head(model: torch.nn.Module):
 
 
 @dataclass
-class TrainState:
-    """What the loop carries from step to step: the schema of a checkpoint's state.json."""
+class TrainState(checkpoint.State):
+    """What the loop carries from step to step (step, run and world_size: checkpoint.State): the
+    schema of a checkpoint's state.json. `run` holds the RESUME_KEYS values the run was made with."""
 
-    step: int = 0
     history: list = field(default_factory=list)  # [step, loss, lr] of every step
     val_before: Optional[dict] = None
     train_seconds: float = 0.0
     first_step_loss: Optional[float] = None
-    run: dict = field(default_factory=dict)  # the RESUME_KEYS values the run was made with
     epoch: int = 0  # written at save time: where the data order stands (for a reader of state.json)
     blocks_done_in_epoch: int = 0
-    world_size: int = 1  # written by checkpoint.save
-
-    @classmethod
-    def from_json(cls, saved: dict) -> TrainState:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in saved.items() if k in known})
 
 
 @dataclass
@@ -227,28 +217,9 @@ def start_accelerator(spec: RunSpec) -> tuple[Any, int]:
 
 
 def choose_resume(spec: RunSpec, accelerator: Any) -> Optional[str]:
-    """The checkpoint to continue from, or None; the main process picks a verified one and tells the others."""
-    cfg, paths = spec.mlm, layout.Run.of(spec)
-    checkpoints, main = paths.mlm_checkpoints, accelerator.is_main_process
-    resume_url = None
-    if cfg.resume == "never":
-        if checkpoint.list_steps(checkpoints) and not spec.overwrite:
-            raise MedclfError(
-                f"{checkpoints}: checkpoints exist; resume=auto continues them, overwrite=true starts over"
-            )
-    elif cfg.resume == "auto":
-        # overwrite=true starts over, whatever is there
-        found = checkpoint.find_latest(checkpoints) if main and not spec.overwrite else None
-        chosen = broadcast(torch.tensor([int(found.rsplit("-", 1)[1]) if found else -1], device=accelerator.device))
-        resume_url = checkpoint.step_url(checkpoints, int(chosen.item())) if chosen.item() >= 0 else None
-    else:
-        resume_url = cfg.resume
-        if main:
-            manifest.verify(resume_url)
-    if main and resume_url is None and spec.overwrite:
-        storage.remove(paths.mlm)
-    accelerator.wait_for_everyone()
-    return resume_url
+    """The checkpoint to continue from, or None (mlm.resume; overwrite=true starts over)."""
+    paths = layout.Run.of(spec)
+    return checkpoint.choose(spec.mlm.resume, paths.mlm_checkpoints, spec.overwrite, accelerator, paths.mlm)
 
 
 def load_blocks(spec: RunSpec, model_path: str, model_config: Any, accelerator: Any, accumulation: int) -> Blocks:
@@ -319,8 +290,9 @@ def resume(spec: RunSpec, t: Training, blocks: Blocks, resume_url: Optional[str]
     run_keys = run_settings(spec, blocks)
     if not resume_url:
         return TrainState(run=run_keys)
-    saved = checkpoint.load(resume_url, t.accelerator, model=t.raw.model, optimizer=t.optimizer, scheduler=t.scheduler)
-    check_same_settings(resume_url, saved.get("run") or {}, run_keys)
+    saved = checkpoint.resume(
+        resume_url, t.accelerator, model=t.raw.model, optimizer=t.optimizer, scheduler=t.scheduler, run=run_keys
+    )
     state = TrainState.from_json(saved)
     log.info("resumed from %s at step %d (epoch %d)", resume_url, state.step, state.step // blocks.steps_per_epoch)
     return state
@@ -331,16 +303,6 @@ def run_settings(spec: RunSpec, blocks: Blocks) -> dict:
     return {k: getattr(spec.mlm, k) for k in RESUME_KEYS} | {"seed": spec.seed, "train_blocks": len(blocks.train)}
 
 
-def check_same_settings(url: str, saved: dict, now: dict) -> None:
-    """Refuse, in one line naming every changed key with both values, a checkpoint made otherwise."""
-    changed = [f"{k}={saved.get(k)!r} there, {v!r} now" for k, v in now.items() if saved.get(k) != v]
-    if changed:
-        raise MedclfError(
-            f"{url}: made with other settings ({'; '.join(changed)}); "
-            "set them back to continue it, or overwrite=true to start over"
-        )
-
-
 def train(
     spec: RunSpec, t: Training, blocks: Blocks, state: TrainState, stop: runtime.StopSignal, saved_at: Optional[int]
 ) -> None:
@@ -348,7 +310,7 @@ def train(
     agree) after a SIGTERM/SIGUSR1 with a checkpoint of the step reached."""
     cfg, accelerator, total_steps = spec.mlm, t.accelerator, blocks.total_steps
     progress = runtime.Progress(accelerator, total_steps, start=state.step, desc="mlm", unit="tokens")
-    step_sleep = float(os.environ.get(STEP_SLEEP_ENV, "0") or 0)
+    step_sleep = runtime.step_sleep()
     t.model.train()
     while state.step < total_steps:
         started = time.perf_counter()

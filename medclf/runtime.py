@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from typing import Optional
@@ -18,6 +19,15 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 log = logging.getLogger(__name__)
+
+# Test hook: seconds to sleep after every training step (mlm, fine-tuning), so a test can signal
+# or kill a run that is mid-training.
+STEP_SLEEP_ENV = "MEDCLF_TEST_STEP_SLEEP"
+
+
+def step_sleep() -> float:
+    """The STEP_SLEEP_ENV seconds; 0 (no sleep) unless a test set it."""
+    return float(os.environ.get(STEP_SLEEP_ENV, "0") or 0)
 
 
 def make_accelerator(report_to: str = "none", project_dir: Optional[str] = None) -> Accelerator:

@@ -1,14 +1,20 @@
 """The supervised loop the head and compare jobs share: cross-entropy on (inputs..., label) batches.
 
 A head on cached features and a fine-tuned classifier (encoder and head) train with the same
-`fit`; `probabilities` scores a trained head on feature vectors.
+`fit`; `probabilities` scores a trained head on feature vectors. Fine-tuning, which can run for
+hours, checkpoints through medclf/checkpoint.py as mlm does, and resumes exactly: the data order
+(the loader's generator), the dropout RNG, the optimizer and schedule, the epoch's loss so far and
+the best dev epoch all come back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Optional, TypeVar
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -16,15 +22,61 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from medclf import features, runtime
+from medclf import checkpoint, features, runtime
 from medclf.classifier import Head
-from medclf.errors import MedclfError
+from medclf.errors import MedclfError, Preempted
 from medclf.optim import adamw, decay_groups, warmup_then_decay
+
+log = logging.getLogger(__name__)
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 # AdamW's default decay, which the head has always trained with; fine-tuning spares the 1-d parameters.
 WEIGHT_DECAY = 0.01
+
+
+@dataclass
+class Checkpoints:
+    """Where and how often fine-tuning checkpoints, what it resumes from (None: a fresh start), the
+    settings and inputs every checkpoint records (one made otherwise is refused), the resolved spec
+    saved with each, and the stop signal (SIGTERM/SIGUSR1) the loop obeys."""
+
+    root: str
+    every: int
+    keep_last: int
+    resume_url: Optional[str]
+    run: dict
+    spec_yaml: str
+    stop: runtime.StopSignal
+
+
+@dataclass
+class FitState(checkpoint.State):
+    """What fit carries from step to step (step, run, world_size: checkpoint.State); a fine-tuning
+    checkpoint's state, its tensors in state.safetensors."""
+
+    epochs_done: int = 0  # epochs finished, their dev scoring included
+    history: list = field(default_factory=list)  # each finished epoch's log line
+    best: Optional[dict] = None  # {"f1", "epoch", "weights"}: the best dev epoch so far (the first of equals)
+    # this epoch's summed training loss and rows so far, per rank (a checkpoint holds all ranks' loss)
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    rows: int = 0
+    data_rng: Optional[torch.Tensor] = None  # the loader's generator where this epoch's order begins (or the next's)
+
+
+@dataclass
+class Loop:
+    """The prepared pieces one fit works with."""
+
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    loader: Any
+    generator: torch.Generator  # the loader's shuffling RNG: the data order
+    total_steps: int
+    checkpoints: Optional[Checkpoints]
+    progress: runtime.Progress = field(init=False)  # made once the starting step is known
 
 
 def fit(
@@ -42,6 +94,7 @@ def fit(
     validation: tuple[torch.Tensor, np.ndarray] | None = None,
     dev: Optional[Callable[[ModuleT], dict]] = None,
     history: Optional[list] = None,
+    checkpoints: Optional[Checkpoints] = None,
 ) -> ModuleT:
     """Cross-entropy training of `model` on (inputs..., label) batches; returns the unwrapped model.
 
@@ -52,50 +105,52 @@ def fit(
     `encoder_lr` is the lr of a fine-tuned encoder's parameters (None: `lr`, as for the rest).
     `dev` scores the (unwrapped) model after each epoch ({"f1_weighted": ..., ...}); the model
     returned then has the weights of the epoch with the best dev weighted F1 (the first of equals).
-    Each epoch's log line is appended to `history`.
+    Each epoch's log line is appended to `history`. With `checkpoints` (fine-tuning), the loop
+    checkpoints on schedule, resumes from `checkpoints.resume_url` exactly where that run stood,
+    and after a stop signal saves a checkpoint of the step reached and raises Preempted.
     """
     world = accelerator.num_processes
-    loader = _loader(dataset, batch_size, micro_batch_size, world, seed)
+    generator = torch.Generator().manual_seed(seed)  # the data order: a checkpoint keeps its state
+    loader = _loader(dataset, batch_size, micro_batch_size, world, seed, generator)
     optimizer = _optimizer(model, lr, encoder_lr)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     # The scheduler stays unprepared: Accelerate would step it once per process.
     raw = optimizer.optimizer  # the prepared loader's length is known now; the schedule drives the real optimizer
     scheduler = None if warmup_ratio is None else warmup_then_decay(raw, warmup_ratio, epochs * len(loader))
-    progress = runtime.Progress(accelerator, total=epochs * len(loader), desc="head", unit="notes")
+    loop = Loop(accelerator, model, optimizer, scheduler, loader, generator, epochs * len(loader), checkpoints)
+    state = _resume(loop)  # late: nothing may draw from the RNGs it restores before the first step
+    loop.progress = runtime.Progress(accelerator, total=loop.total_steps, start=state.step, desc="head", unit="notes")
     # A head on cached features multiplies tiny matrices: on CPU, handing them to several threads
     # costs more than the arithmetic (25-60x slower on a busy 2-core machine), so it uses one.
     threads = torch.get_num_threads()
     if accelerator.device.type == "cpu" and isinstance(accelerator.unwrap_model(model), Head):
         torch.set_num_threads(1)
 
-    best: tuple[float, int, dict] | None = None
-    for epoch in range(1, epochs + 1):
-        loss = _train_epoch(accelerator, model, optimizer, scheduler, loader, progress)
-        scalars: dict[str, float] = {"epoch": epoch, "loss": loss}
-        if scheduler is not None:
-            scalars["lr"] = float(scheduler.get_last_lr()[-1])  # the head's lr for the next step: 0 after the last
-        if validation is not None:
-            scalars["val_acc"] = _accuracy(accelerator, model, *validation)
-        if dev is not None:
-            scores = dev(accelerator.unwrap_model(model))
-            scalars |= {f"dev_{k}": v for k, v in scores.items()}
-            if best is None or scores["f1_weighted"] > best[0]:
-                state = accelerator.unwrap_model(model).state_dict()
-                best = (scores["f1_weighted"], epoch, {k: v.detach().clone() for k, v in state.items()})
-        progress.log(**scalars)
-        if history is not None:
-            history.append(scalars)
+    for epoch in range(state.epochs_done + 1, epochs + 1):
+        loss = _train_epoch(loop, state)
+        _end_epoch(loop, state, epoch, loss, validation, dev)
+        _checkpoint_or_stop(loop, state)  # an epoch's last step checkpoints here, with its dev score
     unwrapped = accelerator.unwrap_model(model)
-    if best is not None:
-        unwrapped.load_state_dict(best[2])
-        progress.log(best_epoch=best[1], dev_f1_weighted=best[0])
-    progress.close()
+    if state.best is not None:
+        unwrapped.load_state_dict(state.best["weights"])
+        loop.progress.log(best_epoch=state.best["epoch"], dev_f1_weighted=state.best["f1"])
+    loop.progress.close()
     torch.set_num_threads(threads)
+    if history is not None:
+        history.extend(state.history)
     return unwrapped
 
 
-def _loader(dataset: Dataset, batch_size: int, micro_batch_size: Optional[int], world: int, seed: int) -> DataLoader:
-    """Shuffled (seeded) batches of batch_size / world examples per process, each as its micro-batches."""
+def _loader(
+    dataset: Dataset,
+    batch_size: int,
+    micro_batch_size: Optional[int],
+    world: int,
+    seed: int,
+    generator: torch.Generator,
+) -> DataLoader:
+    """Shuffled batches (in `generator`'s order) of batch_size / world examples per process, each as
+    its micro-batches."""
     if batch_size % world:
         raise MedclfError(f"head.batch_size={batch_size} is not a multiple of the {world} processes")
     micro = micro_batch_size or batch_size // world
@@ -105,27 +160,125 @@ def _loader(dataset: Dataset, batch_size: int, micro_batch_size: Optional[int], 
         dataset,
         batch_size=batch_size // world,
         shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
+        generator=generator,
         # each of a process's batches comes as its micro-batches, collated one by one
         collate_fn=functools.partial(_micro_batches, getattr(dataset, "collate", default_collate), micro),
     )
 
 
-def _train_epoch(accelerator: Accelerator, model, optimizer, scheduler, loader, progress) -> float:
-    """One pass over the loader: per batch, forward and backward per micro-batch, then one optimizer
-    (and schedule) step. Returns the mean training loss over all ranks."""
-    model.train()
-    total, count = torch.zeros((), device=accelerator.device), 0
-    for micro_batches in loader:
-        loss_sum, rows = _accumulate(accelerator, model, micro_batches)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        total += loss_sum
-        count += rows
-        progress.update(rows * accelerator.num_processes, loss=loss_sum.item() / rows)
-    return float(accelerator.reduce(total, "sum")) / max(count * accelerator.num_processes, 1)
+def _train_epoch(loop: Loop, state: FitState) -> float:
+    """One pass over the loader (what is left of it, resumed mid-epoch): per batch, forward and
+    backward per micro-batch, then one optimizer (and schedule) step. Returns the mean training
+    loss over all ranks."""
+    accelerator, steps = loop.accelerator, len(loop.loader)
+    done = state.step - state.epochs_done * steps  # batches of this epoch trained before a resume
+    if not done:
+        state.data_rng = loop.generator.get_state()  # the epoch's order comes from here: a resume replays it
+        state.loss_sum, state.rows = torch.zeros((), device=accelerator.device), 0
+    loop.model.train()
+    sleep = runtime.step_sleep() if loop.checkpoints else 0.0
+    for i, micro_batches in enumerate(loop.loader):
+        if i < done:
+            continue  # the same batches, in the same order, as the interrupted run trained on
+        loss_sum, rows = _accumulate(accelerator, loop.model, micro_batches)
+        loop.optimizer.step()
+        if loop.scheduler is not None:
+            loop.scheduler.step()
+        loop.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.loss_sum += loss_sum
+        state.rows += rows
+        loop.progress.update(rows * accelerator.num_processes, loss=loss_sum.item() / rows)
+        if sleep:
+            time.sleep(sleep)
+        if i + 1 < steps:
+            _checkpoint_or_stop(loop, state)
+    state.data_rng = loop.generator.get_state()  # where the next epoch's order begins
+    return float(accelerator.reduce(state.loss_sum, "sum")) / max(state.rows * accelerator.num_processes, 1)
+
+
+def _end_epoch(loop: Loop, state: FitState, epoch: int, loss: float, validation, dev) -> None:
+    """The epoch's log line (loss, lr, validation accuracy, dev scores) into the history, and the
+    best dev epoch's weights kept."""
+    accelerator, model = loop.accelerator, loop.model
+    scalars: dict[str, float] = {"epoch": epoch, "loss": loss}
+    if loop.scheduler is not None:
+        scalars["lr"] = float(loop.scheduler.get_last_lr()[-1])  # the head's lr for the next step: 0 after the last
+    if validation is not None:
+        scalars["val_acc"] = _accuracy(accelerator, model, *validation)
+    if dev is not None:
+        scores = dev(accelerator.unwrap_model(model))
+        scalars |= {f"dev_{k}": v for k, v in scores.items()}
+        if state.best is None or scores["f1_weighted"] > state.best["f1"]:
+            weights = accelerator.unwrap_model(model).state_dict()
+            state.best = {"f1": scores["f1_weighted"], "epoch": epoch, "weights": _copy(weights)}
+    loop.progress.log(**scalars)
+    state.history.append(scalars)
+    state.epochs_done = epoch
+
+
+def _copy(weights: dict) -> dict:
+    return {k: v.detach().clone() for k, v in weights.items()}
+
+
+# ---------------------------------------------------------------- checkpoints (fine-tuning)
+
+
+def _resume(loop: Loop) -> FitState:
+    """A fresh state, or the weights, optimizer, schedule, every rank's RNG, the data order and the
+    epoch's progress restored from the checkpoint to resume (refused when made with other settings)."""
+    c, accelerator = loop.checkpoints, loop.accelerator
+    if c is None or c.resume_url is None:
+        return FitState(run=c.run if c else {})
+    saved = checkpoint.resume(
+        c.resume_url,
+        accelerator,
+        model=accelerator.unwrap_model(loop.model),
+        optimizer=loop.optimizer,
+        scheduler=loop.scheduler,
+        run=c.run,
+    )
+    state = FitState.from_json(saved)
+    # The epoch's loss so far was summed over all ranks when saved: the main process carries it on.
+    assert state.data_rng is not None
+    main = accelerator.is_main_process
+    state.loss_sum = state.loss_sum.to(accelerator.device) if main else torch.zeros((), device=accelerator.device)
+    loop.generator.set_state(state.data_rng)
+    log.info("resumed from %s at step %d (epoch %d)", c.resume_url, state.step, state.epochs_done + 1)
+    return state
+
+
+def _checkpoint_or_stop(loop: Loop, state: FitState) -> None:
+    """A checkpoint every `every` steps and at the last; after a stop signal (all ranks agree), a
+    checkpoint of the step reached, then Preempted. Nothing without checkpoints (frozen heads)."""
+    c, total = loop.checkpoints, loop.total_steps
+    if c is None:
+        return
+    saved = state.step % c.every == 0 or state.step == total
+    if saved:
+        _save(loop, state)
+    if state.step < total and c.stop.requested(loop.accelerator):
+        url = checkpoint.step_url(c.root, state.step) if saved else _save(loop, state)
+        loop.progress.close()
+        raise Preempted(f"stopped at step {state.step}/{total}; checkpoint {url}")
+
+
+def _save(loop: Loop, state: FitState) -> str:
+    """A checkpoint of the step reached (every rank calls this); returns its URL."""
+    c, accelerator = loop.checkpoints, loop.accelerator
+    assert c is not None
+    saved = dict(vars(state), loss_sum=accelerator.reduce(state.loss_sum.clone(), "sum"))
+    return checkpoint.save(
+        c.root,
+        state.step,
+        accelerator,
+        model=accelerator.unwrap_model(loop.model),
+        optimizer=loop.optimizer,
+        scheduler=loop.scheduler,
+        state=saved,
+        spec_yaml=c.spec_yaml,
+        keep_last=c.keep_last,
+    )
 
 
 def _accuracy(accelerator: Accelerator, model, vectors: torch.Tensor, labels: np.ndarray) -> float:

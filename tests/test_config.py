@@ -123,6 +123,23 @@ def test_resume_accepts_auto_never_and_urls():
         assert load("out: o", f"mlm.resume={value}").mlm.resume == value
 
 
+def test_fine_tuning_checkpoint_keys_are_checked_as_mlms():
+    with pytest.raises(MedclfError) as e:
+        load("out: o", "head.resume=atuo", "head.checkpoint_every=0", "head.keep_last=0", job="head")
+    for message in (
+        "head.checkpoint_every: must be at least 1, got 0",
+        "head.keep_last: must be at least 1, got 0",
+        "head.resume: must be auto, never or a checkpoint URL, got 'atuo'",
+    ):
+        assert message in str(e.value)
+    spec = load("out: o", "head.resume=out/head-ft/checkpoints/step-0000003", job="head")
+    assert (spec.head.resume, spec.head.checkpoint_every, spec.head.keep_last) == (
+        "out/head-ft/checkpoints/step-0000003",
+        200,
+        2,
+    )
+
+
 def test_range_problems_are_reported_with_the_type_problems_in_one_line():
     with pytest.raises(MedclfError) as e:
         load("out: o\nmlm: {epochs: x, max_steps: 0, resume: atuo, batch_size: 0}")

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import shutil
+import signal
 
 import pandas as pd
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from medclf import classifier, features, head, optim, runtime, training
+from medclf import checkpoint, classifier, cli, features, head, optim, runtime, training
 from medclf.classifier import Classifier, Head
-from medclf.errors import MedclfError
-from tests.helpers import head_spec, make_small_run
+from medclf.errors import EXIT_PREEMPTED, MedclfError, Preempted
+from tests.helpers import head_spec, make_small_run, run_cli, tree
 
 
 def test_head_has_the_original_shape_and_parameter_count():
@@ -366,7 +369,8 @@ def test_fine_tuning_gives_the_encoder_its_own_lr_and_spares_biases_and_layernor
     model, _ = _tiny_classifier(tiny_bert)
     groups = training._optimizer(model, lr=1e-3, encoder_lr=2e-5).param_groups
     encoder = {id(p) for p in model.encoder.parameters()}
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    trainable = [p for p in model.parameters() if p.requires_grad]  # all but the unused pooler
+    assert sum(len(g["params"]) for g in groups) == len(trainable) == len(list(model.parameters())) - 2
     for g in groups:
         in_encoder = {id(p) in encoder for p in g["params"]}
         assert len(in_encoder) == 1  # a group is all encoder or all head
@@ -458,3 +462,125 @@ def test_standardizing_off_leaves_the_head_bit_identical():
     assert torch.equal(scale(train_x), train_x)
     folded = scale.fold(head)
     assert all(torch.equal(before[k], v) for k, v in folded.state_dict().items())
+
+
+# ---------------------------------------------------------------- preemption: checkpoints, stop signals, resume
+
+
+def _signal_during_step(monkeypatch, step: int) -> None:
+    """SIGUSR1 to this process while fit trains on batch `step` (1-based), as Slurm sends it before a
+    time limit; refuses to send it when no handler would catch it (the default would end pytest)."""
+    accumulate, calls = training._accumulate, [0]
+
+    def signalling(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == step:
+            assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN), "no stop handler"
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return accumulate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_accumulate", signalling)
+
+
+def _fit_with_checkpoints(tiny_bert, notes, y, root, resume_url=None, run=None) -> tuple[dict, dict, list]:
+    """Fine-tune a tiny classifier (dropout in the encoder and the head) for 3 epochs with a dev score
+    that falls as the head moves away from its start, so the first epoch is the best and the model
+    returned comes from the best-epoch tracking. Returns (weights returned, last weights, history)."""
+    runtime.seed_everything(0)
+    encoder, tokenizer, _ = classifier.load_encoder(str(tiny_bert))
+    runtime.seed_everything(0)
+    model = Classifier(encoder, Head(32, 3, dropout=0.2), "mean", frozen=False)
+    start = model.head.layers[0].weight.detach().clone()
+    last: dict = {}
+
+    def dev(trained):
+        last.update({k: v.detach().clone() for k, v in trained.state_dict().items()})
+        moved = float((trained.head.layers[0].weight.detach() - start).norm())
+        return {"f1_weighted": 1 / (1 + moved), "accuracy": 0.5}
+
+    windows = features.tokenize_windows(tokenizer, notes, classifier.Windows(32, cap=2))
+    history: list[dict] = []
+    with runtime.StopSignal() as stop:
+        checkpoints = training.Checkpoints(str(root), 3, 10, resume_url, run or {"lr": 1e-3}, "spec: {}\n", stop)
+        trained = training.fit(
+            runtime.make_accelerator(),
+            model,
+            training.Notes(windows, y, tokenizer.pad_token_id),
+            **dict(epochs=3, batch_size=8, micro_batch_size=4, lr=1e-3, seed=1, warmup_ratio=0.2),
+            dev=dev,
+            history=history,
+            checkpoints=checkpoints,
+        )
+    return {k: v.clone() for k, v in trained.state_dict().items()}, last, history
+
+
+@pytest.mark.slow
+def test_fine_tuning_stopped_by_a_signal_resumes_to_the_weights_of_an_uninterrupted_run(
+    tiny_bert, prepared, tmp_path, monkeypatch
+):
+    df = pd.read_csv(prepared / "prepare" / "train.csv").iloc[:30]  # batches of 8, 8, 8, 6: 4 steps per epoch
+    notes, y = df["transcription"].tolist(), pd.factorize(df["medical_specialty"])[0] % 3
+    returned, last, history = _fit_with_checkpoints(tiny_bert, notes, y, tmp_path / "whole")
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert max(history, key=lambda h: h["dev_f1_weighted"])["epoch"] == 1  # the best is kept across the stop
+    assert not torch.equal(returned["head.layers.0.weight"], last["head.layers.0.weight"])
+    assert checkpoint.list_steps(str(tmp_path / "whole")) == [3, 6, 9, 12]
+
+    # Signalled during step 7 (epoch 2, after the step-6 checkpoint): it saves step 7 and stops.
+    root = tmp_path / "stopped"
+    _signal_during_step(monkeypatch, 7)
+    with pytest.raises(Preempted, match=r"stopped at step 7/12; checkpoint .*step-0000007"):
+        _fit_with_checkpoints(tiny_bert, notes, y, root)
+    assert checkpoint.list_steps(str(root)) == [3, 6, 7] and (root / "latest").read_text() == "step-0000007\n"
+    monkeypatch.undo()
+
+    latest = checkpoint.find_latest(str(root))
+    with pytest.raises(MedclfError, match=r"step-0000007: made with other settings \(lr=0.001 there, 0.002 now\)"):
+        _fit_with_checkpoints(tiny_bert, notes, y, root, resume_url=latest, run={"lr": 2e-3})
+    resumed, resumed_last, resumed_history = _fit_with_checkpoints(tiny_bert, notes, y, root, resume_url=latest)
+    assert resumed_history == history  # losses (the epoch's sum so far was restored) and dev scores
+    for name, tensor in returned.items():
+        assert torch.equal(resumed[name], tensor), f"best-epoch weights differ: {name}"
+        assert torch.equal(resumed_last[name], last[name]), f"last weights differ: {name}"
+
+
+@pytest.mark.slow
+def test_a_fine_tuning_head_stopped_by_usr1_exits_75_and_resumes_to_the_same_classifier(
+    tmp_path, prepared, tiny_bert, monkeypatch, capsys, caplog
+):
+    # (the dev fold's best epoch across a stop is the test above's: a fold of these notes lacks a class)
+    settings = ["freeze=false", "name=ft", "windows=1", "epochs=2", "batch_size=8", "checkpoint_every=3"]
+    settings += ["keep_last=10"]
+    whole = make_small_run(tmp_path / "whole", prepared, train_notes=80)
+    head.run(head_spec(whole, tiny_bert, *settings))
+    steps = checkpoint.list_steps(str(whole / "head-ft" / "checkpoints"))
+    assert steps[-1] >= 8 and steps[-1] % 2 == 0, steps  # 2 epochs of at least 4 steps
+
+    stopped = make_small_run(tmp_path / "stopped", prepared, train_notes=80)
+    argv = ["head", f"out={stopped}", f"mlm.model={tiny_bert}", "max_length=64", *settings]
+    _signal_during_step(monkeypatch, 5)
+    with pytest.raises(SystemExit) as ended:
+        cli.main(argv)
+    assert ended.value.code == EXIT_PREEMPTED
+    monkeypatch.undo()
+    ckpts = stopped / "head-ft" / "checkpoints"
+    assert checkpoint.list_steps(str(ckpts)) == [3, 5] and not (stopped / "head-ft" / "model").exists()
+    assert not (stopped / "head-ft" / "job.json").exists()
+
+    # An interrupted fine-tuning is continued, never replaced: other settings are refused by name,
+    # resume=never refuses to discard it; nothing is written either time.
+    before = tree(ckpts)
+    code, line = run_cli([*argv, "lr=0.002", "dropout=0.1"], capsys)
+    assert code == 2 and "head.lr=0.001 there, 0.002 now; head.dropout=0.2 there, 0.1 now" in line, line
+    assert "overwrite=true to start over" in line
+    code, line = run_cli([*argv, "resume=never"], capsys)
+    assert code == 2 and "checkpoints exist; resume=auto continues them, overwrite=true starts over" in line
+    assert tree(ckpts) == before
+
+    cli.main(argv)  # resume: auto
+    assert tree(stopped / "head-ft" / "model") == tree(whole / "head-ft" / "model")  # byte for byte
+    metrics = [json.loads((run / "head-ft" / "metrics.json").read_text()) for run in (whole, stopped)]
+    assert metrics[0] == metrics[1]  # each epoch's loss too
+    caplog.set_level(logging.INFO)
+    head.run(head_spec(stopped, tiny_bert, *settings))  # and then it is up to date
+    assert "head: up to date (" in caplog.text

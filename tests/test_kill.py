@@ -9,9 +9,10 @@ previous one left (so resuming after a resume is covered too):
 3. while the finished model is being published (files uploaded, manifest not yet written);
 
 then an in-process rerun finishes the job and its weights are compared with an uninterrupted run,
-tensor by tensor with torch.equal. The head job keeps no checkpoints (a frozen head trains for
-seconds on cached features), so there is nothing of it to resume. Predict, killed between two
-chunks, leaves no output file (its chunks go to a temporary name), and a rerun writes it whole.
+tensor by tensor with torch.equal. A frozen head keeps no checkpoints (it trains for seconds on
+cached features), so there is nothing of it to resume; fine-tuning's checkpoints and resume are
+tested in tests/test_head.py. Predict, killed between two chunks, leaves no output file (its
+chunks go to a temporary name), and a rerun writes it whole.
 """
 
 from __future__ import annotations

@@ -82,6 +82,36 @@ class Cluster:
         logs = list(self.dir.glob(f"logs/*-{job_id}.log"))
         return logs[0].read_text(errors="replace") if logs else f"(no log for job {job_id})"
 
+    def preempt_after(self, job_id: str, checkpoints: pathlib.Path, step: str) -> None:
+        """Once `latest` under `checkpoints` names `step`, USR1 to the job's steps: what Slurm does
+        before a time limit with --signal=USR1@N."""
+        latest, deadline = checkpoints / "latest", time.monotonic() + 300
+        while not (latest.exists() and latest.read_text().strip() == step):
+            assert time.monotonic() < deadline, f"no {step} checkpoint after 300 s:\n{self.log(job_id)[-3000:]}"
+            assert self.job(job_id)["JobState"] not in FINISHED, self.log(job_id)[-3000:]
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--signal=USR1", job_id], env=self.env, check=True, timeout=30)
+
+    def wait_requeued(self, job_id: str) -> tuple[dict, str]:
+        """Wait for a preempted job through its requeue (Slurm holds a requeued job ~120 s: once it is
+        pending again, it is let start in 3 s) to completion; its fields and log, once checked that
+        it completed after one requeue."""
+
+        def start_soon(fields: dict) -> None:
+            if fields["Restarts"] != "0" and not started:
+                subprocess.run(
+                    ["scontrol", "update", f"JobId={job_id}", "StartTime=now+3"], env=self.env, check=True, timeout=30
+                )
+                started.append(True)
+
+        started: list = []
+        fields = self.wait(job_id, timeout=300, while_pending=start_soon)
+        self.assert_completed(job_id, fields)
+        log = self.log(job_id)
+        assert fields["Restarts"] == "1", f"the job was not requeued:\n{log[-3000:]}"
+        assert "stopped after a checkpoint: requeueing" in log and f"job {job_id} restart 1 " in log, log[-3000:]
+        return fields, log
+
     def assert_completed(self, job_id: str, fields: dict) -> None:
         assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), (
             f"job {job_id} {fields['JobState']} exit {fields['ExitCode']}:\n{self.log(job_id)[-4000:]}"
@@ -229,30 +259,8 @@ def test_preempted_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weig
     out = new_run(prepared_run, runs_dir / "preempted")
     # One second per step, so the signal lands mid-training: after the step-4 checkpoint, before step 8.
     job_id = submit_mlm(cluster, "single_node.sbatch", out, spec, nodes=1, procs=2, MEDCLF_TEST_STEP_SLEEP="1")
-    latest = out / "mlm" / "checkpoints" / "latest"
-    deadline = time.monotonic() + 300
-    while not (latest.exists() and latest.read_text().strip() == "step-0000004"):
-        assert time.monotonic() < deadline, f"no step-4 checkpoint after 300 s:\n{cluster.log(job_id)[-3000:]}"
-        assert cluster.job(job_id)["JobState"] not in FINISHED, cluster.log(job_id)[-3000:]
-        time.sleep(0.2)
-    # What Slurm does before a time limit with --signal=USR1@N: USR1 to the job's steps.
-    subprocess.run(["scancel", "--signal=USR1", job_id], env=cluster.env, check=True, timeout=30)
-
-    # Slurm holds a requeued job ~120 s; once it is pending again, let it start in 3 s.
-    def start_soon(fields: dict) -> None:
-        if fields["Restarts"] != "0" and not start_soon.done:
-            subprocess.run(
-                ["scontrol", "update", f"JobId={job_id}", "StartTime=now+3"], env=cluster.env, check=True, timeout=30
-            )
-            start_soon.done = True
-
-    start_soon.done = False
-    fields = cluster.wait(job_id, timeout=300, while_pending=start_soon)
-    cluster.assert_completed(job_id, fields)
-
-    log = cluster.log(job_id)
-    assert fields["Restarts"] == "1", f"the job was not requeued:\n{log[-3000:]}"
-    assert "stopped after a checkpoint: requeueing" in log and f"job {job_id} restart 1 " in log, log[-3000:]
+    cluster.preempt_after(job_id, out / "mlm" / "checkpoints", "step-0000004")
+    cluster.wait_requeued(job_id)
     # The stop came between checkpoints (every 4 steps): the job saved where it stopped.
     saved = sorted(int(p.name.split("-")[1]) for p in (out / "mlm" / "checkpoints").glob("step-*"))
     assert any(4 < step < STEPS for step in saved), f"no checkpoint between steps 4 and {STEPS}: {saved}"
@@ -264,6 +272,52 @@ def test_preempted_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weig
     assert weights.keys() == expected.keys()
     different = [k for k in weights if not torch.equal(weights[k], expected[k])]
     assert not different, f"resumed weights differ from the uninterrupted run's: {different[:5]}"
+
+
+# A fine-tuning head (frozen: false) on the tiny spec: 2 epochs of ~20 steps, a checkpoint every 4.
+FINE_TUNE = ["head.freeze=false", "head.name=ft", "head.windows=1", "head.batch_size=8", "head.checkpoint_every=4"]
+FINE_TUNE += ["head.keep_last=100"]
+
+
+def submit_head(cluster: Cluster, out: pathlib.Path, spec: pathlib.Path, *, procs: int, **env: str) -> str:
+    return cluster.sbatch(
+        "--nodes=1",
+        "--gpus-per-node=0",
+        f"--output={cluster.dir}/logs/%x-%j.log",
+        f"--export=ALL,JOB=head,OUT={out},GPUS_PER_NODE={procs}",
+        str(SLURM / "single_node.sbatch"),
+        str(spec),
+        *FINE_TUNE,
+        **env,
+    )
+
+
+def test_a_preempted_fine_tuning_head_requeues_and_ends_with_the_uninterrupted_classifier(
+    cluster, spec, prepared_run, runs_dir
+):
+    # Both on 2 processes (each rank draws its own dropout masks: each rank's RNG must come back).
+    reference = new_run(prepared_run, runs_dir / "ft-whole")
+    reference_job = submit_head(cluster, reference, spec, procs=2)
+    out = new_run(prepared_run, runs_dir / "ft-preempted")
+    job_id = submit_head(cluster, out, spec, procs=2, MEDCLF_TEST_STEP_SLEEP="0.5")
+    checkpoints = out / "head-ft" / "checkpoints"
+    cluster.preempt_after(job_id, checkpoints, "step-0000004")
+    _, log = cluster.wait_requeued(job_id)
+    assert "resumed from " in log, log[-3000:]
+    # The ranks stopped mid-training, and saved where they stopped.
+    stopped_at, total = map(int, re.search(r"stopped at step (\d+)/(\d+)", log).groups())
+    saved = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("step-*"))
+    assert 4 < stopped_at < total and stopped_at in saved and saved[-1] == total, (stopped_at, total, saved)
+
+    cluster.assert_completed(reference_job, cluster.wait(reference_job, timeout=300))
+    for name in ("head.safetensors", "encoder/model.safetensors"):
+        weights = load_file(out / "head-ft" / "model" / name)
+        expected = load_file(reference / "head-ft" / "model" / name)
+        assert weights.keys() == expected.keys()
+        different = [k for k in weights if not torch.equal(weights[k], expected[k])]
+        assert not different, f"{name}: resumed weights differ from the uninterrupted run's: {different[:5]}"
+    run, whole = (json.loads((r / "head-ft" / "metrics.json").read_text()) for r in (out, reference))
+    assert run["accuracy"] == whole["accuracy"] and run["f1_weighted"] == whole["f1_weighted"]
 
 
 def test_ranks_on_one_node_and_across_two_nodes_match_one_process(cluster, submitted, spec, prepared_run, runs_dir):
