@@ -8,6 +8,11 @@ compare.seeds seeds on the cached features and scored on the same validation spl
 95% interval of the weighted-F1 difference (rows resampled, the same rows for both encoders),
 McNemar's test on the seed-averaged predictions, and one sentence saying whether adaptation helped.
 
+The seeds can run as a Slurm array, one task per seed (compare.seed_index; slurm/submit_pipeline.sh
+with COMPARE_TASKS=N): each task saves its seed's heads' probabilities under <out>/compare/, and the
+compare that follows reads them instead of training those heads again (the same numbers: each head
+depends only on its seed and the cached features).
+
 The TF-IDF baseline (medclf/baseline.py) is fitted on the same training rows and scored on the
 same validation rows: a row of the table (`metrics.baseline` in the JSON), and the verdict says
 whether each encoder's head beats it, with the same interval and test against it.
@@ -15,6 +20,8 @@ whether each encoder's head beats it, with the same interval and test against it
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 
 import numpy as np
@@ -22,7 +29,7 @@ import torch
 from scipy import stats
 from torch.utils.data import TensorDataset
 
-from medclf import baseline, data, features, jobrecord, layout, models, report, runtime, storage
+from medclf import baseline, data, features, jobrecord, layout, manifest, models, report, runtime, storage
 from medclf.classifier import Classifier, Head, check_max_length, encoder_reference, fingerprint, load_encoder
 from medclf.config import RunSpec, required
 from medclf.training import Standardizer, fit, probabilities
@@ -36,7 +43,10 @@ def run(spec: RunSpec) -> None:
     refs = [encoder_reference(spec, e) for e in cfg.encoders]  # fails early if the adapted model is missing
     accelerator = runtime.make_accelerator()
     record = job_record(spec, refs)
-    if jobrecord.up_to_date(record, spec.overwrite, accelerator):
+    # A seed task (compare.seed_index: one task of a Slurm array) only saves its seed's heads for the
+    # gathering compare: it neither reads nor replaces the comparison and its record.
+    task = cfg.seed_index is not None
+    if not task and jobrecord.up_to_date(record, spec.overwrite, accelerator):
         return
     wheres = [models.resolve(ref) for ref in refs]  # each folder verified (hashed) once, here
     for ref, where in zip(refs, wheres, strict=True):  # both checked before either is run: a bad second leaves nothing
@@ -46,15 +56,19 @@ def run(spec: RunSpec) -> None:
     classes, train, validation = data.read_splits(paths.out, head_cfg.train, head_cfg.validation)
     label_sets = report.note_labels(paths.out, validation[1])
 
-    # -- per encoder: features (cached), then one head per seed
+    # -- per seed, both encoders' heads: saved by a seed task, or trained here on the (cached) features
     seeds = [spec.seed + i for i in range(cfg.seeds)]
+    if cfg.seed_index is not None:
+        seeds = [seeds[cfg.seed_index]]
+    heads = seed_heads(spec, accelerator, record, refs, wheres, len(classes), train, validation, seeds)
+    if task:
+        return
     runs: dict[str, list[dict]] = {}
     probs: dict[str, np.ndarray] = {}
-    for keyword, ref, where in zip(cfg.encoders, refs, wheres, strict=True):
-        train_x, validation_x = _features(spec, accelerator, ref, where, len(classes), train, validation)
+    for keyword in cfg.encoders:
         runs[keyword], probs[keyword] = [], np.zeros((len(validation[2]), len(classes)))
         for seed in seeds:
-            p = _train_head(spec, accelerator, seed, len(classes), train_x, train[2], validation_x)
+            p = heads[seed][keyword]
             predicted = p.argmax(1)
             scores = report.metrics(classes, validation[2], predicted, label_sets)
             runs[keyword].append({"seed": seed, "predicted": predicted, **scores})
@@ -85,6 +99,56 @@ def job_record(spec: RunSpec, refs: list[str]) -> jobrecord.Record:
     return jobrecord.Record(
         "compare", paths.comparison_record, jobrecord.keys("compare", spec), inputs, outputs, outputs
     )
+
+
+def seed_heads(
+    spec: RunSpec,
+    accelerator,
+    record: jobrecord.Record,
+    refs: list,
+    wheres: list,
+    num_classes: int,
+    train,
+    validation,
+    seeds,
+) -> dict[int, dict[str, np.ndarray]]:
+    """{seed: {encoder keyword: validation probabilities}} of the heads of each seed: read from the
+    file a seed task saved (verified; keyed by everything the heads depend on), else trained here.
+    A seed task (compare.seed_index) saves the one it trained; it is up to date when the file is there."""
+    cfg, paths = spec.compare, layout.Run.of(spec)
+    key = seed_key(record)
+    heads: dict[int, dict[str, np.ndarray]] = {}
+    for seed in seeds:
+        saved = manifest.read_sealed(paths.compare_seed(key, seed), "seed task's heads")
+        if saved is not None and set(saved) == set(cfg.encoders):
+            heads[seed] = {k: v.numpy() for k, v in saved.items()}
+            log.info(
+                "compare seed %d: %s (%s)",
+                seed,
+                "up to date" if cfg.seed_index is not None else "its task's heads read",
+                paths.compare_seed(key, seed),
+            )
+    todo = [seed for seed in seeds if seed not in heads]
+    for keyword, ref, where in zip(cfg.encoders, refs, wheres, strict=True):
+        if todo:  # features only for an encoder with heads to train
+            train_x, validation_x = _features(spec, accelerator, ref, where, num_classes, train, validation)
+        for seed in todo:
+            p = _train_head(spec, accelerator, seed, num_classes, train_x, train[2], validation_x)
+            heads.setdefault(seed, {})[keyword] = p
+    if cfg.seed_index is not None and todo and accelerator.is_main_process:
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(p)) for k, p in heads[todo[0]].items()}
+        storage.write_bytes(paths.compare_seed(key, todo[0]), manifest.sealed(tensors))
+        log.info("compare seed %d: wrote %s", todo[0], paths.compare_seed(key, todo[0]))
+    accelerator.wait_for_everyone()
+    return heads
+
+
+def seed_key(record: jobrecord.Record) -> str:
+    """What one seed's heads depend on: the comparison's keys (but how many seeds, and the bootstrap)
+    and its inputs' fingerprints."""
+    keys = {k: v for k, v in record.keys.items() if k not in ("compare.seeds", "compare.bootstrap")}
+    text = json.dumps({"keys": keys, "inputs": record.inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def _features(spec: RunSpec, accelerator, ref: str, where: str, num_classes: int, train, validation):

@@ -217,9 +217,17 @@ class CompareSpec:
     encoders: list[str] = opt(["pretrained", "adapted"], "the two encoders compared (as in head.encoder)")
     seeds: int = opt(5, "heads trained per encoder, seeds run seed .. seed+N-1")
     bootstrap: int = opt(10000, "paired bootstrap resamples for the F1 difference interval")
+    seed_index: Optional[int] = opt(
+        None,
+        "a seed task (one of a Slurm array): train only seed `seed + seed_index`'s heads and save them under "
+        "<out>/compare/ for the compare that gathers them; null: the whole comparison",
+    )
 
     def problems(self) -> list[str]:
         found = _at_least(self, "compare", 1, "seeds")
+        index, seeds = self.seed_index, self.seeds
+        if isinstance(index, int) and _is_number(index) and _is_number(seeds) and not 0 <= index < seeds:
+            found.append(f"compare.seed_index: must be at least 0 and below compare.seeds={seeds}, got {index}")
         if isinstance(self.encoders, list) and len(self.encoders) != 2:
             found.append(f"compare.encoders: needs exactly two encoders (baseline, candidate), got {self.encoders}")
         return found
@@ -305,6 +313,8 @@ def range_problems(job: str, spec: RunSpec) -> list[str]:
         found += section.problems() if hasattr(section, "problems") else []
     if job in ("compare", "run") and spec.head.freeze is not True:
         found.append("head.freeze: compare uses cached features of frozen encoders; set head.freeze=true")
+    if job == "run" and spec.compare.seed_index is not None:
+        found.append("compare.seed_index: a seed task runs as its own `medclf compare` (a Slurm array task)")
     return found
 
 

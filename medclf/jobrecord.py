@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 # The spec keys that shape each job's outputs. Left out on purpose, because the result is the same
 # whatever their value: logging and tracking (log_every, report_to), checkpointing and resuming
-# (checkpoint_every, keep_last, resume, eval_every), batch sizes that only change speed
+# (checkpoint_every, keep_last, resume, eval_every; compare.seed_index, which splits the same
+# comparison into tasks), batch sizes that only change speed
 # (mlm.micro_batch_size: accumulation keeps the global batch; head.encode_batch_size,
 # evaluate.batch_size, predict.batch_size, predict.chunk_rows: inference only), storage options,
 # `out` and `overwrite`, and the locations of inputs (their content is fingerprinted instead).

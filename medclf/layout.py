@@ -9,7 +9,7 @@
 <out>/head-<name>/                  a head: model/, metrics.json, report.md, confusion.png, spec.yaml;
                                     fine-tuning's checkpoints/step-NNNNNNN/ too
 <out>/evaluate/<name>/              an evaluate job's report
-<out>/comparison.{md,json}          the compare job
+<out>/comparison.{md,json}          the compare job; compare/ the heads its seed tasks (a Slurm array) saved
 <folder>/job.json                   what made a job's outputs, written last (medclf/jobrecord.py):
                                     prepare/, mlm/, head-<name>/, evaluate/<name>/; compare's is
                                     <out>/comparison.job.json, predict's <output>.job.json
@@ -125,6 +125,10 @@ class Run:
     @property
     def comparison_json(self) -> str:
         return self._at("comparison.json")
+
+    def compare_seed(self, key: str, seed: int) -> str:
+        """One compare seed task's heads, keyed by what they depend on (compare.seed_key)."""
+        return self._at("compare", f"{key}-seed{seed}.safetensors")
 
     @property
     def comparison_record(self) -> str:

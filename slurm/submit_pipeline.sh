@@ -2,7 +2,7 @@
 # The whole pipeline as Slurm jobs chained with --dependency=afterok:
 #
 #   prepare ──▶ mlm ──▶ head adapted ──┐
-#       └────▶ head pretrained ────────┴──▶ compare (writes <out>/comparison.md)
+#       └────▶ head pretrained ────────┴──▶ [compare seeds, an array] ──▶ compare (writes <out>/comparison.md)
 #
 #   slurm/submit_pipeline.sh jobs/mtsamples.yaml [key=value ...]      # from the repository root
 #
@@ -16,6 +16,8 @@
 #   OUT                output URL of the run (else the spec's `out`)
 #   MEDCLF_CPU=1       CPU ranks instead of GPUs (no GPUs requested)
 #   SBATCH_EXTRA       more sbatch options for every job, e.g. "--time=04:00:00 --qos=long"
+#   COMPARE_TASKS=N    compare's seeds as a Slurm array of N tasks (one per seed, N = compare.seeds),
+#                      then the compare job gathers them; 0 (default): one compare job trains every seed
 # Prints the job ids, one line per job.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -41,6 +43,13 @@ prepare=$(MEDCLF_CPU=1 submit prepare single_node.sbatch 1 1 0 "" prepare "$@")
 mlm=$(submit mlm "$template" "$mlm_nodes" "$gpus" "$gpu_request" "$prepare" mlm "$@")
 head_pretrained=$(submit head-pretrained single_node.sbatch 1 1 "$small" "$prepare" head "$@" head.encoder=pretrained)
 head_adapted=$(submit head-adapted single_node.sbatch 1 1 "$small" "$mlm" head "$@" head.encoder=adapted)
-compare=$(submit compare single_node.sbatch 1 1 "$small" "$head_pretrained:$head_adapted" compare "$@")
-printf 'prepare %s\nmlm %s\nhead-pretrained %s\nhead-adapted %s\ncompare %s\n' \
-  "$prepare" "$mlm" "$head_pretrained" "$head_adapted" "$compare"
+heads="$head_pretrained:$head_adapted"
+tasks="${COMPARE_TASKS:-0}"
+if [ "$tasks" -gt 0 ]; then
+  seeds=$(extra+=(--array="0-$((tasks - 1))"); submit compare-seeds single_node.sbatch 1 1 "$small" "$heads" compare "$@")
+  heads="$seeds"  # the array's id: afterok waits for every task
+fi
+compare=$(submit compare single_node.sbatch 1 1 "$small" "$heads" compare "$@")
+printf 'prepare %s\nmlm %s\nhead-pretrained %s\nhead-adapted %s\n' "$prepare" "$mlm" "$head_pretrained" "$head_adapted"
+[ "$tasks" -gt 0 ] && printf 'compare-seeds %s\n' "$seeds"
+printf 'compare %s\n' "$compare"

@@ -106,3 +106,41 @@ def test_compare_and_evaluate_carry_the_baseline(tmp_path, prepared, tiny_bert):
     scored = json.loads((run / "evaluate" / "baseline" / "metrics.json").read_text())
     for metric, value in summary["metrics"]["baseline"].items():
         assert scored[metric] == pytest.approx(value["mean"])  # refitted, the same numbers
+
+
+# ---------------------------------------------------------------- seeds as tasks (a Slurm array)
+
+
+@pytest.mark.slow
+def test_seed_tasks_save_their_heads_and_the_compare_gathers_them_to_the_same_comparison(
+    tmp_path, prepared, tiny_bert, monkeypatch
+):
+    import json
+
+    from medclf import config
+    from medclf.errors import MedclfError
+    from tests.helpers import make_small_run
+
+    def spec(run, *extra):
+        settings = [f"out={run}", f"mlm.model={tiny_bert}", "head.max_length=32", "head.windows=1", "head.epochs=2"]
+        settings += [f"compare.encoders=[pretrained, {tiny_bert}]", "seeds=2", "bootstrap=200", *extra]
+        return config.load("compare", None, settings)
+
+    whole, tasks = (make_small_run(tmp_path / n, prepared, train_notes=40, validation_notes=12) for n in "ab")
+    compare.run(spec(whole))
+    for index in (1, 0):  # the tasks of an array, in any order
+        compare.run(spec(tasks, f"seed_index={index}"))
+    assert not (tasks / "comparison.json").exists() and not (tasks / "comparison.job.json").exists()
+    saved = sorted(p.name.split("-seed")[1] for p in (tasks / "compare").glob("*-seed*.safetensors"))
+    assert saved == ["42.safetensors", "43.safetensors"]
+    with pytest.raises(MedclfError, match=r"compare.seed_index: must be at least 0 and below compare.seeds=2, got 2"):
+        spec(tasks, "seed_index=2")
+
+    # The gathering compare trains no head: every seed's heads come from its task's file.
+    monkeypatch.setattr(compare, "_train_head", lambda *a, **k: pytest.fail("a head its task had saved was trained"))
+    compare.run(spec(tasks))
+    compare.run(spec(tasks, "seed_index=0"))  # a task run again: up to date
+    summaries = [json.loads((run / "comparison.json").read_text()) for run in (whole, tasks)]
+    for summary in summaries:
+        summary["settings"].pop("validation")  # the run folder's path
+    assert summaries[0] == summaries[1]

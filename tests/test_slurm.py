@@ -320,6 +320,32 @@ def test_a_preempted_fine_tuning_head_requeues_and_ends_with_the_uninterrupted_c
     assert run["accuracy"] == whole["accuracy"] and run["f1_weighted"] == whole["f1_weighted"]
 
 
+def test_compare_seeds_as_an_array_are_gathered_into_the_comparison_one_job_makes(
+    cluster, spec, prepared_run, runs_dir
+):
+    # Two encoders without an mlm run: the tiny model, named twice (the plumbing is what is tested).
+    encoders = f"compare.encoders=[pretrained, {spec.parent / 'tiny-bert-no-dropout'}]"
+    out = new_run(prepared_run, runs_dir / "compare-array")
+    common = ["--nodes=1", "--gpus-per-node=0", f"--output={cluster.dir}/logs/%x-%j.log"]
+    common += [f"--export=ALL,JOB=compare,OUT={out},GPUS_PER_NODE=1", str(SLURM / "single_node.sbatch"), str(spec)]
+    array = cluster.sbatch("--array=0-1", *common, encoders)
+    gather = cluster.sbatch(f"--dependency=afterok:{array}", *common, encoders)
+
+    from medclf import compare, config
+
+    reference = new_run(prepared_run, runs_dir / "compare-one-job")
+    compare.run(config.load("compare", spec.read_text(), [f"out={reference}", encoders]))
+
+    fields = cluster.wait(gather, timeout=300)
+    cluster.assert_completed(gather, fields)
+    log = cluster.log(gather)
+    assert log.count("its task's heads read") == 2, log[-3000:]  # the gathering job trained no head
+    summaries = [json.loads((run / "comparison.json").read_text()) for run in (out, reference)]
+    for summary in summaries:
+        summary["settings"].pop("validation")  # the run folder's path
+    assert summaries[0] == summaries[1]
+
+
 def test_ranks_on_one_node_and_across_two_nodes_match_one_process(cluster, submitted, spec, prepared_run, runs_dir):
     two_nodes, job_id = submitted["2x1"]
     # The reference: one process, in this process, while Slurm runs the others.
