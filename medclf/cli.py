@@ -105,7 +105,10 @@ def _setup_logging() -> None:
 
 
 def _fail(who: str, message: str, status: int = EXIT_BAD_INPUT) -> None:
-    print(f"{who}: error: {message}", file=sys.stderr)
+    # One write: the ranks of a job share one stderr, and a refusal they all reach together (the
+    # preflight's) would otherwise interleave with the line breaks of the others.
+    sys.stderr.write(f"{who}: error: {message}\n")
+    sys.stderr.flush()
     sys.exit(status)
 
 

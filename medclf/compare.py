@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 def run(spec: RunSpec) -> None:
     cfg, head_cfg, paths = spec.compare, spec.head, layout.Run.of(spec)
     storage.check_writable(paths.comparison_md)
+    accelerator = runtime.make_accelerator(paths.out)  # before anything is read under out: all ranks see it
     refs = [encoder_reference(spec, e) for e in cfg.encoders]  # fails early if the adapted model is missing
-    accelerator = runtime.make_accelerator()
     record = job_record(spec, refs)
     if jobrecord.up_to_date(record, spec.overwrite, accelerator):
         return

@@ -37,6 +37,7 @@ def run(spec: RunSpec) -> None:
     name = cfg.model if by_name else cfg.model.rstrip("/").removesuffix("/model").rsplit("/", 1)[-1]
     out = paths.evaluation(name)
     storage.check_writable(out)
+    accelerator = runtime.make_accelerator(paths.out)  # before anything is read under out: all ranks see it
 
     # -- the classifier and the data, checked against each other before any encoding
     info = classifier.read_info(model_url)
@@ -48,7 +49,6 @@ def run(spec: RunSpec) -> None:
             f"({', '.join(data.read_labels(labels_url))})"
         )
     df, y = data.read_labeled(data_url, info.classes)
-    accelerator = runtime.make_accelerator()
     inputs = {"evaluate.model": jobrecord.folder_fingerprint(model_url, "classifier")}
     inputs |= jobrecord.split_inputs(paths.out, [data_url])
     record = jobrecord.Record(

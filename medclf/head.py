@@ -46,6 +46,7 @@ def run(spec: RunSpec) -> None:
     name = cfg.name or head_name(cfg.encoder)
     out = paths.head(name)
     storage.check_writable(out)
+    accelerator = runtime.make_accelerator(paths.out)  # before anything is read under out: all ranks see it
 
     # -- data: the prepared splits and their classes; every check before any model work
     classes, train, validation = data.read_splits(paths.out, cfg.train, cfg.validation)
@@ -53,7 +54,6 @@ def run(spec: RunSpec) -> None:
     train, dev = carve_dev(train, cfg.dev_fraction, seed, classes)
 
     # -- encoder and classifier (the head is seeded after the encoder: loading may draw random numbers)
-    accelerator = runtime.make_accelerator()
     ref = encoder_reference(spec, cfg.encoder)
     inputs = jobrecord.split_inputs(
         paths.out, [cfg.train or paths.prepared_train, cfg.validation or paths.prepared_validation]

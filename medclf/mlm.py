@@ -218,7 +218,7 @@ def start_accelerator(spec: RunSpec) -> tuple[Any, int]:
     if cfg.report_to != "none":  # trackers write local files: next to the outputs, or a temp folder
         local_out = storage.is_local(paths.mlm)
         trackers_dir = storage.local_path(paths.mlm_trackers) if local_out else tempfile.mkdtemp()
-    accelerator = runtime.make_accelerator(report_to=cfg.report_to, project_dir=trackers_dir)
+    accelerator = runtime.make_accelerator(paths.out, report_to=cfg.report_to, project_dir=trackers_dir)
     world = accelerator.num_processes
     accumulation = runtime.accumulation_steps(cfg.batch_size, cfg.micro_batch_size, world, key="mlm.batch_size")
     accelerator.gradient_accumulation_steps = accumulation

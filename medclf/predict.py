@@ -36,7 +36,8 @@ def run(spec: RunSpec) -> None:
     model_url, input_url = required(cfg.model, "predict.model"), required(cfg.input, "predict.input")
     output_url = required(cfg.output, "predict.output")
     storage.check_writable(output_url)
-    accelerator = runtime.make_accelerator()
+    # Every rank reads the record beside the output to decide whether there is work: a folder all see.
+    accelerator = runtime.make_accelerator(storage.parent(output_url), what="the folder of predict.output")
     info = classifier.read_info(model_url)  # every file verified against the manifest
     inputs = {"predict.model": jobrecord.folder_fingerprint(model_url, "classifier")}
     inputs["predict.input"] = jobrecord.file_fingerprint(input_url)

@@ -141,6 +141,7 @@ def test_two_ranks_write_the_same_rows_as_one_process(model_dir, notes, tmp_path
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "accelerator: 2 process(es)" in result.stderr
+    assert f"preflight: the folder of predict.output ({tmp_path}) is seen by all 2 processes" in result.stderr
     predict.run(config.load("predict", None, [a.lstrip("-") for a in args] + [f"output={tmp_path / 'one.csv'}"]))
     one, two = pd.read_csv(tmp_path / "one.csv"), pd.read_csv(tmp_path / "two.csv")
     assert one.columns.tolist() == two.columns.tolist() and one["row"].tolist() == two["row"].tolist()
