@@ -16,7 +16,7 @@ from medclf import __version__, config, storage
 from medclf.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, Diverged, MedclfError, Preempted
 
 JOBS = {
-    "prepare": ("medclf.prepare", "check, clean and split the raw MTSamples CSV"),
+    "prepare": ("medclf.prepare", "check, clean and split the raw CSV (MTSamples, or your own: see dataset.*)"),
     "mlm": ("medclf.mlm", "masked-LM domain adaptation of a BERT checkpoint on the training notes"),
     "head": ("medclf.head", "train the classification head on a frozen (or fine-tuned) encoder"),
     "evaluate": ("medclf.evaluate", "metrics, per-class report and confusion matrix of a classifier"),

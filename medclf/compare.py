@@ -43,8 +43,8 @@ def run(spec: RunSpec) -> None:
         check_max_length(head_cfg.max_length, where, ref, "head.max_length")
 
     # -- data
-    classes, train, validation = data.read_splits(paths.out, head_cfg.train, head_cfg.validation)
-    label_sets = report.note_labels(paths.out, validation[1])
+    classes, train, validation = data.read_splits(paths.out, spec.dataset, head_cfg.train, head_cfg.validation)
+    label_sets = report.note_labels(paths.out, validation[1], spec.dataset)
 
     # -- per encoder: features (cached), then one head per seed
     seeds = [spec.seed + i for i in range(cfg.seeds)]

@@ -49,7 +49,7 @@ def run(spec: RunSpec) -> None:
     accelerator = runtime.make_accelerator(paths.out)  # before anything is read under out: all ranks see it
 
     # -- data: the prepared splits and their classes; every check before any model work
-    classes, train, validation = data.read_splits(paths.out, cfg.train, cfg.validation)
+    classes, train, validation = data.read_splits(paths.out, spec.dataset, cfg.train, cfg.validation)
     seed = spec.seed if cfg.seed is None else cfg.seed
     train, dev = carve_dev(train, cfg.dev_fraction, seed, classes)
 
@@ -106,7 +106,7 @@ def run(spec: RunSpec) -> None:
             classes,
             validation_y,
             probs.argmax(1),
-            report.note_labels(paths.out, validation_df),
+            report.note_labels(paths.out, validation_df, spec.dataset),
             about={"encoder": ref, "seed": seed, "freeze": cfg.freeze, **dev_about(cfg, train, dev, history)},
         )
         jobrecord.write(record)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from medclf import classifier, features, head, optim, runtime, training
+from medclf import classifier, config, features, head, optim, runtime, training
 from medclf.classifier import Classifier, Head
 from medclf.errors import MedclfError
 from tests.helpers import head_spec, make_small_run
@@ -303,7 +303,7 @@ def test_fit_keeps_the_epoch_with_the_best_dev_score():
 
 
 def test_the_dev_fold_is_carved_from_train_by_note(prepared):
-    classes, train, _ = head.data.read_splits(str(prepared))
+    classes, train, _ = head.data.read_splits(str(prepared), config.DatasetSpec())
     fit_part, dev = head.carve_dev(train, 0.2, 42, classes)
     assert not set(fit_part[1]["text_id"]) & set(dev[1]["text_id"])
     assert len(fit_part[2]) + len(dev[2]) == len(train[2]) and len(fit_part[1]) == len(fit_part[2])
