@@ -38,7 +38,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         prepare.run(config.load("prepare", None, [f"out={out}", f"prepare.input={args.data}"]))
         classes = data.read_labels(f"{out}/prepare/labels.json")
-        df, y = data.read_labeled(f"{out}/prepare/train.csv", classes)
+        df, y = data.read_labeled(f"{out}/prepare/train.csv", classes, config.DatasetSpec())
     df, y = df.iloc[: args.notes], torch.tensor(y[: args.notes])
     texts = df[data.TEXT].tolist()
     accelerator = runtime.make_accelerator()

@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="with --config bert-base: fewer layers (smoke tests)")
     parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, ...)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is present")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder (both loops)")
+    parser.add_argument("--profile", action="store_true", help="also print our step's top operators (torch.profiler)")
     parser.add_argument("--peak-seconds", type=float, default=3.0, help="time spent measuring the matmul peak, twice")
     parser.add_argument(
         "--nominal-peak", type=float, default=989e12, help="FLOP/s for the nominal MFU (H100/H200 bf16)"
@@ -127,6 +129,8 @@ def main() -> None:
     else:
         model = AutoModelForMaskedLM.from_pretrained(models.resolve(args.model), attn_implementation=args.attn)
     model = model.to(device).train()
+    if args.compile:  # in place, so both loops run the compiled encoder; compiling happens in the untimed step
+        model.base_model.compile(dynamic=False)
     config = model.config
 
     # ours: packed blocks, seeded masks, masked-only projection
@@ -183,6 +187,8 @@ def main() -> None:
             print(f"step {k} {name}: {tokens / seconds:,.0f} real tokens/s", flush=True)
 
     peak = max(peak_before, matmul_peak(peak_size, dtype, device, args.peak_seconds))
+    if args.profile:
+        print_profile(lambda: step_ours(args.steps + 1), device)
 
     def rate(name: str, index: int) -> tuple[float, float]:
         """Median and best over steps of real tokens/s (index 0) or model FLOP/s (index 2)."""
@@ -198,6 +204,7 @@ def main() -> None:
         "model": "BertConfig() (bert-base, random weights)" if args.config == "bert-base" else args.model,
         "tokens": args.tokens,
         "attention": config._attn_implementation,
+        "compiled": args.compile,
         "device": torch.cuda.get_device_name() if device == "cuda" else device,
         "threads": torch.get_num_threads(),
         "dtype": str(dtype),
@@ -230,6 +237,17 @@ def main() -> None:
         f"{args.nominal_peak / 1e12:.0f} T (stock {stock_flops / args.nominal_peak:.2%}); "
         f"ratio to stock {ours_tps / stock_tps:.2f}× real tokens/s ({figures['device']})"
     )
+
+
+def print_profile(step, device: str) -> None:
+    """Where one of our steps spends its time: the operators with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=20))
 
 
 def real_texts(path: str) -> list[str]:

@@ -16,7 +16,7 @@ from medclf import __version__, config, storage
 from medclf.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, Diverged, MedclfError, Preempted
 
 JOBS = {
-    "prepare": ("medclf.prepare", "check, clean and split the raw MTSamples CSV"),
+    "prepare": ("medclf.prepare", "check, clean and split the raw CSV (MTSamples, or your own: see dataset.*)"),
     "mlm": ("medclf.mlm", "masked-LM domain adaptation of a BERT checkpoint on the training notes"),
     "head": ("medclf.head", "train the classification head on a frozen (or fine-tuned) encoder"),
     "evaluate": ("medclf.evaluate", "metrics, per-class report and confusion matrix of a classifier"),
@@ -105,7 +105,10 @@ def _setup_logging() -> None:
 
 
 def _fail(who: str, message: str, status: int = EXIT_BAD_INPUT) -> None:
-    print(f"{who}: error: {message}", file=sys.stderr)
+    # One write: the ranks of a job share one stderr, and a refusal they all reach together (the
+    # preflight's) would otherwise interleave with the line breaks of the others.
+    sys.stderr.write(f"{who}: error: {message}\n")
+    sys.stderr.flush()
     sys.exit(status)
 
 

@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 def run(spec: RunSpec) -> None:
     cfg, head_cfg, paths = spec.compare, spec.head, layout.Run.of(spec)
     storage.check_writable(paths.comparison_md)
+    accelerator = runtime.make_accelerator(paths.out)  # before anything is read under out: all ranks see it
     refs = [encoder_reference(spec, e) for e in cfg.encoders]  # fails early if the adapted model is missing
-    accelerator = runtime.make_accelerator()
     record = job_record(spec, refs)
     # A seed task (compare.seed_index: one task of a Slurm array) only saves its seed's heads for the
     # gathering compare: it neither reads nor replaces the comparison and its record.
@@ -53,8 +53,8 @@ def run(spec: RunSpec) -> None:
         check_max_length(head_cfg.max_length, where, ref, "head.max_length")
 
     # -- data
-    classes, train, validation = data.read_splits(paths.out, head_cfg.train, head_cfg.validation)
-    label_sets = report.note_labels(paths.out, validation[1])
+    classes, train, validation = data.read_splits(paths.out, spec.dataset, head_cfg.train, head_cfg.validation)
+    label_sets = report.note_labels(paths.out, validation[1], spec.dataset)
 
     # -- per seed, both encoders' heads: saved by a seed task, or trained here on the (cached) features
     seeds = [spec.seed + i for i in range(cfg.seeds)]

@@ -65,18 +65,54 @@ class StorageSpec:
         return []
 
 
+# The columns prepare adds to its splits beside the text and the label: a data column cannot take their names.
+PREPARE_COLUMNS = ("text_id", "source_row", "original_specialty")
+
+
+@dataclass
+class DatasetSpec:
+    """The columns of the user's CSVs, one setting for the whole run: every job reads them by these names."""
+
+    text_column: str = opt(
+        "transcription",
+        "column holding a note's text in every CSV the run reads: prepare.input, the prepared splits, "
+        "mlm.extra_text, head.train/validation, evaluate.data, predict.input",
+    )
+    label_column: str = opt(
+        "medical_specialty",
+        "column holding a note's label (its specialty, department, ...) in every labeled CSV: prepare.input, "
+        "the prepared splits, head.train/validation, evaluate.data",
+    )
+
+    def problems(self) -> list[str]:
+        found = []
+        for key in ("text_column", "label_column"):
+            name = getattr(self, key)
+            if isinstance(name, str) and not name.strip():
+                found.append(f"dataset.{key}: must name a column, got {name!r}")
+            elif name in PREPARE_COLUMNS:
+                found.append(
+                    f"dataset.{key}: {name} is a column prepare adds ({', '.join(PREPARE_COLUMNS)}); name another"
+                )
+        if self.text_column == self.label_column:
+            found.append(f"dataset.label_column: must differ from dataset.text_column, both are {self.text_column!r}")
+        return found
+
+
 @dataclass
 class PrepareSpec:
-    input: Optional[str] = opt(None, "URL of the raw MTSamples CSV (required for prepare)")
+    input: Optional[str] = opt(
+        None, "URL of the raw CSV: MTSamples or your own (columns dataset.text_column, dataset.label_column; required)"
+    )
     split: Literal["grouped", "random"] = opt(
         "grouped", "grouped: all copies of a note on one side, stratified; random: the original row-wise split"
     )
     validation_fraction: float = opt(0.2, "share of rows (random) or notes (grouped) held out for validation")
-    min_class_share: float = opt(0.05, "default class rule: keep specialties above this share of all rows")
+    min_class_share: float = opt(0.05, "default class rule: keep labels above this share of all rows")
     classes: Optional[dict[str, list[str]]] = opt(
-        None, "explicit classes: {class name: [specialty, ...]}; replaces the min_class_share rule"
+        None, "explicit classes: {class name: [label, ...]}; replaces the min_class_share rule"
     )
-    short_names: dict[str, str] = opt(ORIGINAL_SHORT_NAMES, "specialty -> class name used by the default rule")
+    short_names: dict[str, str] = opt(ORIGINAL_SHORT_NAMES, "label -> class name used by the default rule")
     sample_notes: Optional[int] = opt(None, "keep a seeded sample of this many distinct notes (quick runs, CI)")
 
 
@@ -85,8 +121,7 @@ class MlmSpec:
     model: str = opt("bert-base-uncased", "BERT-family checkpoint: hub id, local folder or fsspec URL of a folder")
     train: Optional[str] = opt(None, "training CSV URL; default <out>/prepare/train.csv")
     validation: Optional[str] = opt(None, "validation CSV for loss/perplexity; default <out>/prepare/validation.csv")
-    extra_text: list[str] = opt([], "more unlabeled CSV URLs (column text_column) to train on")
-    text_column: str = opt("transcription", "column holding the text")
+    extra_text: list[str] = opt([], "more unlabeled CSV URLs (column dataset.text_column) to train on")
     max_length: int = opt(512, "tokens per packed block")
     mlm_probability: float = opt(0.15, "share of tokens masked")
     whole_word_masking: bool = opt(False, "mask all pieces of a word together")
@@ -238,7 +273,6 @@ class PredictSpec:
     model: Optional[str] = opt(None, "classifier URL (a head's model folder)")
     input: Optional[str] = opt(None, "CSV URL of notes to classify")
     output: Optional[str] = opt(None, "CSV URL to write, rows in input order")
-    text_column: str = opt("transcription", "column holding the text")
     batch_size: int = opt(64, "notes per forward pass")
     chunk_rows: int = opt(20000, "rows read, classified and written at a time (bounded memory)")
 
@@ -254,6 +288,7 @@ class RunSpec:
     )
     seed: int = opt(42, "seed for splits, initialisation, masking and data order")
     storage: StorageSpec = opt(None, "storage options")
+    dataset: DatasetSpec = opt(None, "the columns of your CSVs (every job)")
     prepare: PrepareSpec = opt(None, "the prepare job")
     mlm: MlmSpec = opt(None, "the masked-LM domain-adaptation job")
     head: HeadSpec = opt(None, "the classification-head job")
@@ -307,7 +342,7 @@ def _looks_like_url(text: str) -> bool:
 
 def range_problems(job: str, spec: RunSpec) -> list[str]:
     """The range and cross-section problems of the parts of `spec` that `job` uses."""
-    found = spec.storage.problems()
+    found = spec.storage.problems() + spec.dataset.problems()
     for name in SECTIONS.get(job, []):
         section = getattr(spec, name)
         found += section.problems() if hasattr(section, "problems") else []
@@ -347,7 +382,7 @@ def load(job: str, spec_text: Optional[str], overrides: list[str], source: str =
         path = resolve_key(job, key)
         target = _type_at(RunSpec, path)
         if target is None:
-            problems.append(f"{key}: unknown key")
+            problems.append(_unknown(key, ".".join(path)))
             continue
         _set_path(raw, path, _parse_value(value, target))
     spec = _build(RunSpec, raw, "", problems)
@@ -361,12 +396,24 @@ def load(job: str, spec_text: Optional[str], overrides: list[str], source: str =
 
 
 def resolve_key(job: str, key: str) -> list[str]:
-    """`mlm.lr` as given; a bare `lr` means the job's own section unless it is a top-level key."""
+    """`mlm.lr` as given; a bare `lr` means the job's own section unless it is a top-level key, and a
+    bare `text_column` or `label_column` the dataset section (every job reads it)."""
     path = key.split(".")
     top = {f.name for f in dataclasses.fields(RunSpec)}
+    if path[0] not in top and len(path) == 1 and path[0] in {f.name for f in dataclasses.fields(DatasetSpec)}:
+        return ["dataset"] + path
     if path[0] not in top and job in top:
         path = [job] + path
     return path
+
+
+# Keys that moved: a spec still using the old name is told the new one.
+MOVED = {"mlm.text_column": "dataset.text_column", "predict.text_column": "dataset.text_column"}
+
+
+def _unknown(key: str, resolved: Optional[str] = None) -> str:
+    moved = MOVED.get(resolved or key)
+    return f"{key}: unknown key" + (f" (now {moved}, for every job)" if moved else "")
 
 
 def _hints(cls) -> dict[str, Any]:
@@ -427,7 +474,7 @@ def _build(cls, raw: Any, where: str, problems: list[str]) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in known:
-            problems.append(f"{where}{key}: unknown key")
+            problems.append(_unknown(f"{where}{key}"))
     values = {}
     for name in known & set(raw):
         values[name] = _coerce(raw[name], hints[name], f"{where}{name}", problems)
@@ -483,7 +530,7 @@ def describe(job: Optional[str] = None) -> str:
     for f in dataclasses.fields(RunSpec):
         tp = _hints(RunSpec)[f.name]
         if dataclasses.is_dataclass(tp):
-            if job is None or f.name in (*(SECTIONS["run"] if job == "run" else [job]), "storage"):
+            if job is None or f.name in (*(SECTIONS["run"] if job == "run" else [job]), "storage", "dataset"):
                 lines.append(f"  {f.name}:  ({f.metadata['help']})")
                 for g in dataclasses.fields(tp):
                     lines.append(_describe_field(f"{f.name}.{g.name}", g))

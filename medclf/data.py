@@ -1,7 +1,11 @@
-"""MTSamples tables: schema checks, cleaning, class mapping, splits and the label file.
+"""Labeled note tables (MTSamples or your own): schema checks, cleaning, class mapping, splits and the label file.
 
 Every job reads its CSVs through `read_table`, so bad input is reported the same way everywhere:
 one line naming the file (and row or column) and what is wrong.
+
+A file's text and label columns are whatever `dataset.text_column` and `dataset.label_column` name; once
+read, a table holds them under the fixed names TEXT and SPECIALTY, so the jobs never see a user's
+names. Those are MTSamples' own: a default run's tables in memory have its files' columns.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import numpy as np
 import pandas as pd
 
 from medclf import layout, storage
+from medclf.config import DatasetSpec
 from medclf.errors import MedclfError
 
+# A table's text and label columns in memory, whatever its file calls them.
 TEXT = "transcription"
 SPECIALTY = "medical_specialty"
 
@@ -24,11 +30,12 @@ SPECIALTY = "medical_specialty"
 # ---------------------------------------------------------------- reading
 
 
-def read_table(url: str, columns: list[str]) -> pd.DataFrame:
+def read_table(url: str, columns: list[str], named_by: Optional[DatasetSpec] = None) -> pd.DataFrame:
     """Read a UTF-8 CSV (plain or compressed: `.csv.xz`, `.csv.gz`) and check it has `columns`; all values as text.
 
     The structure is checked first (see `check_structure`): pandas repairs many broken CSVs
-    without a word, so only a file that is a well-formed table reaches it.
+    without a word, so only a file that is a well-formed table reaches it. A missing column is
+    named with the key of `named_by` that names it (see `check_columns`).
     """
     data = storage.read_bytes(url, decompress=True)
     if not data.strip():
@@ -48,10 +55,18 @@ def read_table(url: str, columns: list[str]) -> pd.DataFrame:
         raise MedclfError(f"{url}: not a readable CSV ({' '.join(str(e).split())})") from None
     if len(df) != records:
         raise MedclfError(f"{url}: pandas read {len(df)} rows where the file has {records} records")
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise MedclfError(f"{url}: missing column(s) {', '.join(missing)} (has: {', '.join(map(str, df.columns))})")
+    check_columns(url, list(map(str, df.columns)), columns, named_by)
     return df
+
+
+def check_columns(url: str, present: list[str], columns: list[str], named_by: Optional[DatasetSpec] = None) -> None:
+    """One line naming each missing column, with the spec key that names it, and the columns present."""
+    keys: dict[str, str] = {}
+    if named_by is not None:
+        keys = {named_by.text_column: "dataset.text_column", named_by.label_column: "dataset.label_column"}
+    missing = [f"{c} ({keys[c]})" if c in keys else c for c in columns if c not in present]
+    if missing:
+        raise MedclfError(f"{url}: missing column(s) {', '.join(missing)}; columns present: {', '.join(present)}")
 
 
 def check_structure(text: str, url: str) -> int:
@@ -125,7 +140,7 @@ def _check_header(header: list[str], url: str, line: int) -> None:
         seen[name] = number
 
 
-def check_texts(df: pd.DataFrame, url: str, column: str = TEXT) -> None:
+def check_texts(df: pd.DataFrame, url: str, column: str) -> None:
     """Every row must carry some text: name the first row that does not."""
     empty = df[column].str.strip() == ""
     if empty.any():
@@ -148,10 +163,10 @@ def read_labels(url: str) -> list[str]:
     return [str(c) for c in labels["classes"]]
 
 
-def label_indices(df: pd.DataFrame, classes: list[str], url: str) -> np.ndarray:
-    """Class index of every row; a label outside `classes` names its row."""
+def label_indices(df: pd.DataFrame, classes: list[str], url: str, column: str) -> np.ndarray:
+    """Class index of every row (its label in `column`); a label outside `classes` names its row."""
     index = {c: i for i, c in enumerate(classes)}
-    labels = df[SPECIALTY].str.strip()
+    labels = df[column].str.strip()
     unknown = ~labels.isin(index)
     if unknown.any():
         row = int(np.flatnonzero(unknown.to_numpy())[0])
@@ -161,14 +176,29 @@ def label_indices(df: pd.DataFrame, classes: list[str], url: str) -> np.ndarray:
     return labels.map(index).to_numpy(dtype=np.int64)
 
 
-def read_labeled(url: str, classes: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
-    """A prepared split: texts checked, labels as indices into `classes`."""
-    df = read_table(url, [TEXT, SPECIALTY])
-    check_texts(df, url)
-    return df, label_indices(df, classes, url)
+def read_labeled(url: str, classes: list[str], columns: DatasetSpec) -> tuple[pd.DataFrame, np.ndarray]:
+    """A labeled CSV (a prepared split or the user's own, its columns named by `columns`): texts
+    checked, labels as indices into `classes`. The frame holds TEXT and SPECIALTY, after `text_id`
+    when the file has one (the prepared splits do)."""
+    df = read_table(url, [columns.text_column, columns.label_column], columns)
+    check_texts(df, url, columns.text_column)
+    y = label_indices(df, classes, url, columns.label_column)
+    return internal(df, columns, keep=["text_id"] if "text_id" in df.columns else []), y
 
 
-def read_splits(out: str, train: Optional[str] = None, validation: Optional[str] = None):
+def internal(df: pd.DataFrame, columns: DatasetSpec, keep: list[str]) -> pd.DataFrame:
+    """The `keep` columns, then the text and label columns under their names in memory (TEXT, SPECIALTY);
+    the file's other columns are left out, so none of them can clash with those names."""
+    picked = df[[*keep, columns.label_column, columns.text_column]]
+    return picked.set_axis([*keep, SPECIALTY, TEXT], axis=1)
+
+
+def external(df: pd.DataFrame, columns: DatasetSpec) -> pd.DataFrame:
+    """A frame in memory with its text and label columns under the names `columns` gives them in files."""
+    return df.rename(columns={TEXT: columns.text_column, SPECIALTY: columns.label_column})
+
+
+def read_splits(out: str, columns: DatasetSpec, train: Optional[str] = None, validation: Optional[str] = None):
     """A run's classes and its labeled splits, each as (url, frame, label indices).
 
     `train`/`validation` default to the prepare job's files under `<out>/prepare/`.
@@ -177,7 +207,7 @@ def read_splits(out: str, train: Optional[str] = None, validation: Optional[str]
     classes = read_labels(paths.labels)
     splits = []
     for url in (train or paths.prepared_train, validation or paths.prepared_validation):
-        splits.append((url, *read_labeled(url, classes)))
+        splits.append((url, *read_labeled(url, classes, columns)))
     return classes, splits[0], splits[1]
 
 
@@ -185,7 +215,7 @@ def read_splits(out: str, train: Optional[str] = None, validation: Optional[str]
 
 
 def clean(df: pd.DataFrame) -> pd.DataFrame:
-    """Drop rows without a transcription, strip specialty names, add `text_id`; the words stay as they are."""
+    """Drop rows without text, strip the labels, add `text_id`; the words stay as they are."""
     df = df[df[TEXT].str.strip() != ""].copy()
     df[SPECIALTY] = df[SPECIALTY].str.strip()
     df.insert(0, "text_id", df[TEXT].map(text_id))

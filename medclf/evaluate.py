@@ -37,6 +37,7 @@ def run(spec: RunSpec) -> None:
     name = cfg.model if by_name else cfg.model.rstrip("/").removesuffix("/model").rsplit("/", 1)[-1]
     out = paths.evaluation(name)
     storage.check_writable(out)
+    accelerator = runtime.make_accelerator(paths.out)  # before anything is read under out: all ranks see it
 
     # -- the classifier and the data, checked against each other before any encoding
     info = classifier.read_info(model_url)
@@ -47,8 +48,7 @@ def run(spec: RunSpec) -> None:
             f"{model_url}: classifier classes ({', '.join(info.classes)}) do not match {labels_url} "
             f"({', '.join(data.read_labels(labels_url))})"
         )
-    df, y = data.read_labeled(data_url, info.classes)
-    accelerator = runtime.make_accelerator()
+    df, y = data.read_labeled(data_url, info.classes, spec.dataset)
     inputs = {"evaluate.model": jobrecord.folder_fingerprint(model_url, "classifier")}
     inputs |= jobrecord.split_inputs(paths.out, [data_url])
     record = jobrecord.Record(
@@ -84,7 +84,7 @@ def run(spec: RunSpec) -> None:
             info.classes,
             y,
             predicted,
-            report.note_labels(paths.out, df),
+            report.note_labels(paths.out, df, spec.dataset),
             about={"model": model_url, "data": data_url},
         )
         jobrecord.write(record)
@@ -105,8 +105,8 @@ def run_baseline(spec: RunSpec) -> None:
     )
     if jobrecord.up_to_date(record, spec.overwrite):
         return
-    train_df, train_y = data.read_labeled(train_url, classes)
-    df, y = data.read_labeled(data_url, classes)
+    train_df, train_y = data.read_labeled(train_url, classes, spec.dataset)
+    df, y = data.read_labeled(data_url, classes, spec.dataset)
     predicted = baseline.fit_predict(train_df[data.TEXT].tolist(), train_y, df[data.TEXT].tolist())
     report.write_report(
         out,
@@ -114,7 +114,7 @@ def run_baseline(spec: RunSpec) -> None:
         classes,
         y,
         predicted,
-        report.note_labels(paths.out, df),
+        report.note_labels(paths.out, df, spec.dataset),
         about={"model": baseline.DESCRIPTION, "train": train_url, "data": data_url},
     )
     jobrecord.write(record)

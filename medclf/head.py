@@ -60,14 +60,14 @@ def _run(spec: RunSpec, stop: Optional[runtime.StopSignal]) -> None:
     name = cfg.name or head_name(cfg.encoder)
     out = paths.head(name)
     storage.check_writable(out)
+    accelerator = runtime.make_accelerator(paths.out)  # before anything is read under out: all ranks see it
 
     # -- data: the prepared splits and their classes; every check before any model work
-    classes, train, validation = data.read_splits(paths.out, cfg.train, cfg.validation)
+    classes, train, validation = data.read_splits(paths.out, spec.dataset, cfg.train, cfg.validation)
     seed = spec.seed if cfg.seed is None else cfg.seed
     train, dev = carve_dev(train, cfg.dev_fraction, seed, classes)
 
     # -- encoder and classifier (the head is seeded after the encoder: loading may draw random numbers)
-    accelerator = runtime.make_accelerator()
     ref = encoder_reference(spec, cfg.encoder)
     inputs = jobrecord.split_inputs(
         paths.out, [cfg.train or paths.prepared_train, cfg.validation or paths.prepared_validation]
@@ -115,7 +115,7 @@ def _run(spec: RunSpec, stop: Optional[runtime.StopSignal]) -> None:
             classes,
             validation_y,
             probs.argmax(1),
-            report.note_labels(paths.out, validation_df),
+            report.note_labels(paths.out, validation_df, spec.dataset),
             about={"encoder": ref, "seed": seed, "freeze": cfg.freeze, **dev_about(cfg, train, dev, history)},
         )
         jobrecord.write(record)

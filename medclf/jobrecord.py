@@ -53,9 +53,13 @@ HEAD_SETTINGS = [
     "head.standardize",
     "head.dropout",
 ]
+# The columns a job reads its notes and labels from: a file may hold several, so the name matters
+# beside the file's fingerprint (and prepare writes its splits under these names).
+COLUMNS = ["dataset.text_column", "dataset.label_column"]
 KEYS = {
-    # the class rule, the sample and the split (seeded)
+    # the columns, the class rule, the sample and the split (seeded)
     "prepare": [
+        *COLUMNS,
         "seed",
         "prepare.split",
         "prepare.validation_fraction",
@@ -67,7 +71,7 @@ KEYS = {
     # the training trajectory (mlm.batch_size is the global batch) and the metrics it reports
     "mlm": [
         "seed",
-        "mlm.text_column",
+        "dataset.text_column",
         "mlm.max_length",
         "mlm.mlm_probability",
         "mlm.whole_word_masking",
@@ -82,13 +86,16 @@ KEYS = {
         "mlm.eval_blocks",
     ],
     # the classifier: features (pooling, windows, frozen or not) and the head's training (dev fold included)
-    "head": ["seed", "head.seed", "head.freeze", *HEAD_SETTINGS, "head.encoder_lr", "head.dev_fraction"],
+    "head": [*COLUMNS, "seed", "head.seed", "head.freeze", *HEAD_SETTINGS, "head.encoder_lr", "head.dev_fraction"],
     # the heads compare trains (head.* settings but head.seed and the dev fold, which compare does not use)
-    "compare": ["seed", "compare.encoders", "compare.seeds", "compare.bootstrap", *HEAD_SETTINGS],
-    # evaluate and predict only apply a saved classifier: its inputs decide everything
-    "evaluate": [],
-    "predict": ["predict.text_column"],
+    "compare": [*COLUMNS, "seed", "compare.encoders", "compare.seeds", "compare.bootstrap", *HEAD_SETTINGS],
+    # evaluate and predict only apply a saved classifier to the columns read: its inputs decide the rest
+    "evaluate": [*COLUMNS],
+    "predict": ["dataset.text_column"],
 }
+# Keys that moved since a record was written: the old key's value, where a record holds it, stands
+# for the new one (before dataset.*, mlm and predict each had their own text_column).
+MOVED = {"dataset.text_column": ["mlm.text_column", "predict.text_column"]}
 
 
 def keys(job: str, spec: RunSpec) -> dict[str, Any]:
@@ -208,7 +215,7 @@ def differences(there: dict, record: Record) -> list[str]:
     found = []
     old_keys: dict = _mapping(there, "keys")
     for key, value in record.keys.items():
-        old = old_keys[key] if key in old_keys else _default(key)  # a key added later: its default
+        old = old_keys[key] if key in old_keys else _earlier(old_keys, key)
         if _canonical(old) != _canonical(value):
             found.append(f"{key}: {_show(old)} there, {_show(value)} now")
     old_inputs: dict = _mapping(there, "inputs")
@@ -239,6 +246,12 @@ def _read(url: str) -> Optional[dict]:
     if not isinstance(raw, dict):
         raise MedclfError(f"{url}: not a job record; overwrite=true starts the job over")
     return raw
+
+
+def _earlier(old_keys: dict, key: str) -> Any:
+    """A key the record does not hold: the value of the key it moved from, else (a key added later) its default."""
+    moved = [old_keys[k] for k in MOVED.get(key, []) if k in old_keys]
+    return moved[0] if moved else _default(key)
 
 
 def _default(key: str) -> Any:

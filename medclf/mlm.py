@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 from transformers.modeling_utils import PreTrainedModel
 
 from medclf import checkpoint, config, data, jobrecord, layout, manifest, models, runtime, storage
-from medclf.config import RunSpec
+from medclf.config import DatasetSpec, RunSpec
 from medclf.errors import Diverged, MedclfError, Preempted
 from medclf.masking import IGNORE, Masker, epoch_order, pack, token_stream
 from medclf.optim import adamw, decay_groups, warmup_then_decay
@@ -43,12 +43,11 @@ log = logging.getLogger(__name__)
 # masked tokens of the whole global batch, so the step is the same sum of gradients (up to the
 # order of float additions); log_every, eval_every, checkpoint_every, keep_last and report_to,
 # which change what is logged or kept, never the weights. The seed and the number of training
-# blocks are compared too (see `run_settings`).
+# blocks are compared too, and dataset.text_column, saved as `text_column` (see `run_settings`).
 RESUME_KEYS = (
     "model",
     "train",
     "extra_text",
-    "text_column",
     "max_length",
     "mlm_probability",
     "whole_word_masking",
@@ -208,7 +207,7 @@ def start_accelerator(spec: RunSpec) -> tuple[Any, int]:
     if cfg.report_to != "none":  # trackers write local files: next to the outputs, or a temp folder
         local_out = storage.is_local(paths.mlm)
         trackers_dir = storage.local_path(paths.mlm_trackers) if local_out else tempfile.mkdtemp()
-    accelerator = runtime.make_accelerator(report_to=cfg.report_to, project_dir=trackers_dir)
+    accelerator = runtime.make_accelerator(paths.out, report_to=cfg.report_to, project_dir=trackers_dir)
     world = accelerator.num_processes
     accumulation = runtime.accumulation_steps(cfg.batch_size, cfg.micro_batch_size, world, key="mlm.batch_size")
     accelerator.gradient_accumulation_steps = accumulation
@@ -229,8 +228,8 @@ def load_blocks(spec: RunSpec, model_path: str, model_config: Any, accelerator: 
     validation_url = cfg.validation or paths.prepared_validation
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     with accelerator.main_process_first():
-        train_ids, train_starts = token_stream(_texts(train_urls, cfg.text_column), tokenizer, paths.cache)
-        val_ids, val_starts = token_stream(_texts([validation_url], cfg.text_column), tokenizer, paths.cache)
+        train_ids, train_starts = token_stream(_texts(train_urls, spec.dataset), tokenizer, paths.cache)
+        val_ids, val_starts = token_stream(_texts([validation_url], spec.dataset), tokenizer, paths.cache)
     blocks, starts = pack(train_ids, cfg.max_length), pack(train_starts, cfg.max_length)
     steps_per_epoch = len(blocks) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -300,7 +299,8 @@ def resume(spec: RunSpec, t: Training, blocks: Blocks, resume_url: Optional[str]
 
 def run_settings(spec: RunSpec, blocks: Blocks) -> dict:
     """The values of everything that shapes the trajectory, as a checkpoint records them."""
-    return {k: getattr(spec.mlm, k) for k in RESUME_KEYS} | {"seed": spec.seed, "train_blocks": len(blocks.train)}
+    settings = {k: getattr(spec.mlm, k) for k in RESUME_KEYS} | {"text_column": spec.dataset.text_column}
+    return settings | {"seed": spec.seed, "train_blocks": len(blocks.train)}
 
 
 def train(
@@ -359,7 +359,9 @@ def train_step(t: Training, blocks: Blocks, cfg: Any, seed: int, step: int) -> t
             if accelerator.sync_gradients:  # the last micro-batch: check, clip, then step
                 global_loss = check_finite(t, cfg, loss_sum, step + 1)
             t.optimizer.step()
-            t.optimizer.zero_grad()
+            # Zeroed in place, not freed: a freed 30k-word embedding gradient (47 MB in MiniLM) is
+            # above glibc's mmap threshold, so every step would map and fault it in afresh.
+            t.optimizer.zero_grad(set_to_none=False)
     lr = t.scheduler.get_last_lr()[0]
     t.scheduler.step()
     return global_loss / masked, lr
@@ -464,14 +466,16 @@ def _loss_ppl(val: dict) -> tuple[float, float]:
     return val["loss"], val["perplexity"]
 
 
-def _texts(urls: list[str], column: str) -> list[str]:
-    """The texts of the CSVs, each distinct note once (MTSamples lists many under two specialties).
+def _texts(urls: list[str], columns: DatasetSpec) -> list[str]:
+    """The texts (column dataset.text_column) of the CSVs, each distinct note once (MTSamples lists many
+    under two specialties).
 
     An empty text is refused by row, as in every job: it means the file is not what it should be.
     """
     texts: list[str] = []
+    column = columns.text_column
     for url in urls:
-        df = data.read_table(url, [column])
+        df = data.read_table(url, [column], columns)
         data.check_texts(df, url, column)
         texts += df[column].tolist()
     return list(dict.fromkeys(texts))

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def run(spec: RunSpec) -> None:
-    accelerator = runtime.make_accelerator()  # one process group for every stage's barriers
+    accelerator = runtime.make_accelerator(layout.Run.of(spec).out)  # one process group for every stage's barriers
     with runtime.StopSignal() as stop:
         for name, job, stage_spec in stages(spec):
             log.info("run: %s", name)

@@ -8,7 +8,8 @@ file is. Each chunk is encoded like the head's features (distinct texts once, le
 batches with dynamic padding, dealt across processes and gathered); the main process appends
 the chunk's rows to the output, which appears complete at the end or not at all. Columns: `row`
 (0-based input row), the input's other columns except the text, `prob_<class>` per class, and
-`predicted_specialty`.
+`predicted_specialty` (the predicted class, whatever the labels are). The text is read from the
+column dataset.text_column (bare `--text_column NAME` on the command line).
 """
 
 from __future__ import annotations
@@ -25,18 +26,19 @@ import pandas as pd
 import torch
 
 from medclf import classifier, data, features, jobrecord, layout, runtime, storage
-from medclf.config import RunSpec, required
+from medclf.config import DatasetSpec, RunSpec, required
 from medclf.errors import MedclfError
 
 log = logging.getLogger(__name__)
 
 
 def run(spec: RunSpec) -> None:
-    cfg = spec.predict
+    cfg, text_column = spec.predict, spec.dataset.text_column
     model_url, input_url = required(cfg.model, "predict.model"), required(cfg.input, "predict.input")
     output_url = required(cfg.output, "predict.output")
     storage.check_writable(output_url)
-    accelerator = runtime.make_accelerator()
+    # Every rank reads the record beside the output to decide whether there is work: a folder all see.
+    accelerator = runtime.make_accelerator(storage.parent(output_url), what="the folder of predict.output")
     info = classifier.read_info(model_url)  # every file verified against the manifest
     inputs = {"predict.model": jobrecord.folder_fingerprint(model_url, "classifier")}
     inputs["predict.input"] = jobrecord.file_fingerprint(input_url)
@@ -51,19 +53,19 @@ def run(spec: RunSpec) -> None:
     # The output is written by the main process only, atomically: complete at the end or absent.
     writer = storage.atomic_write(output_url) if accelerator.is_main_process else contextlib.nullcontext()
     with storage.open_read(input_url) as source, writer as sink:
-        for chunk in _chunks(source, input_url, cfg.text_column, cfg.chunk_rows):
+        for chunk in _chunks(source, input_url, spec.dataset, cfg.chunk_rows):
             # -- check, encode and classify one chunk
-            texts = chunk[cfg.text_column]
+            texts = chunk[text_column]
             empty = np.flatnonzero((texts.str.strip() == "").to_numpy())
             if len(empty):
-                raise MedclfError(f"{cfg.input}: row {rows + int(empty[0]) + 1}: empty {cfg.text_column}")
+                raise MedclfError(f"{cfg.input}: row {rows + int(empty[0]) + 1}: empty {text_column}")
             vectors = features.encode(model, tokenizer, texts.tolist(), info.windowing, cfg.batch_size, accelerator)
             with torch.no_grad():
                 probs = torch.softmax(model.head(vectors.to(accelerator.device)).float(), -1).cpu().numpy()
 
             # -- write the chunk's rows in input order (main process)
             if sink is not None:
-                table = chunk.drop(columns=[cfg.text_column])
+                table = chunk.drop(columns=[text_column])
                 table.insert(0, "row", np.arange(rows, rows + len(chunk)))
                 for i, name in enumerate(info.classes):
                     table[f"prob_{name}"] = probs[:, i]
@@ -79,8 +81,9 @@ def run(spec: RunSpec) -> None:
     log.info("wrote %s: %d rows", cfg.output, rows)
 
 
-def _chunks(source, url: str, text_column: str, chunk_rows: int):
-    """DataFrames of at most chunk_rows rows, all values as text; a missing text column names the file.
+def _chunks(source, url: str, columns: DatasetSpec, chunk_rows: int):
+    """DataFrames of at most chunk_rows rows, all values as text; a missing text column names the file,
+    the key (dataset.text_column) and the columns present.
 
     The CSV is checked as every job's input is (data.checked_records: broken quoting, a repeated
     column name, a record of the wrong width, NUL bytes, bare carriage returns), record by record,
@@ -92,12 +95,9 @@ def _chunks(source, url: str, text_column: str, chunk_rows: int):
         header = next(records, None)
         if header is None:
             raise MedclfError(f"{url}: file is empty")
-        columns = ["Unnamed: 0" if i == 0 and name == "" else name for i, name in enumerate(header)]
-        if text_column not in columns:
-            raise MedclfError(
-                f"{url}: missing column {text_column} (has: {', '.join(columns)}); set predict.text_column"
-            )
+        names = ["Unnamed: 0" if i == 0 and name == "" else name for i, name in enumerate(header)]
+        data.check_columns(url, names, [columns.text_column], columns)
         for chunk in iter(lambda: list(itertools.islice(records, chunk_rows)), []):
-            yield pd.DataFrame(chunk, columns=columns, dtype=str)
+            yield pd.DataFrame(chunk, columns=names, dtype=str)
     except UnicodeDecodeError as e:
         raise MedclfError(f"{url}: not UTF-8 (bad byte 0x{e.object[e.start]:02x})") from None

@@ -1,6 +1,10 @@
-"""The prepare job: raw MTSamples CSV -> train.csv, validation.csv, labels.json, stats.json.
+"""The prepare job: raw CSV (MTSamples or your own) -> train.csv, validation.csv, labels.json, stats.json.
 
 medclf prepare jobs/mtsamples.yaml prepare.input=s3://bucket/mtsamples.csv
+medclf prepare jobs/mtsamples.yaml prepare.input=notes.csv dataset.text_column=note_text dataset.label_column=department
+
+The splits keep the input's names for the text and label columns (dataset.text_column,
+dataset.label_column), so every later job reads them, and the user's own files, the same way.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from medclf.errors import MedclfError
 
 log = logging.getLogger(__name__)
 
+# The splits' columns in memory; in the files the label and text columns take their names from dataset.*.
 COLUMNS = ["text_id", "source_row", data.SPECIALTY, "original_specialty", data.TEXT]
 
 
@@ -27,12 +32,14 @@ def run(spec: RunSpec) -> None:
         return
 
     # -- read and check: nothing is written until every check has passed
-    raw = data.read_table(required(cfg.input, "prepare.input"), [data.SPECIALTY, data.TEXT])
+    columns = spec.dataset
+    raw = data.read_table(required(cfg.input, "prepare.input"), [columns.label_column, columns.text_column], columns)
     raw = raw.rename(columns={raw.columns[0]: "source_row"}) if raw.columns[0] in ("", "Unnamed: 0") else raw
     if "source_row" not in raw.columns:
         raw.insert(0, "source_row", [str(i) for i in range(len(raw))])
+    raw = data.internal(raw, columns, keep=["source_row"])
     notes = data.clean(raw)
-    log.info("%s: %d rows, %d without a transcription dropped", cfg.input, len(raw), len(raw) - len(notes))
+    log.info("%s: %d rows, %d without text dropped", cfg.input, len(raw), len(raw) - len(notes))
 
     # -- classes (the default rule counts all raw rows, as the original did)
     mapping = data.class_map(raw[data.SPECIALTY], cfg.classes, cfg.min_class_share, cfg.short_names)
@@ -43,7 +50,7 @@ def run(spec: RunSpec) -> None:
     names = list(dict.fromkeys(mapping.values()))
     empty = [c for c in names if counts.get(c, 0) == 0]
     if empty:
-        raise MedclfError(f"{cfg.input}: class(es) {', '.join(empty)} have no rows with a transcription")
+        raise MedclfError(f"{cfg.input}: class(es) {', '.join(empty)} have no rows with text ({columns.text_column})")
     if len(names) < 2:
         raise MedclfError(f"{cfg.input}: only {len(names)} class chosen; a classifier needs at least 2")
     classes = sorted(names, key=lambda c: (-counts[c], c))
@@ -73,7 +80,7 @@ def run(spec: RunSpec) -> None:
     # -- write: the record last, so its presence means the folder is complete
     for url, part in ((paths.prepared_train, train), (paths.prepared_validation, validation)):
         buffer = io.BytesIO()
-        part[COLUMNS].to_csv(buffer, index=False, encoding="utf-8")
+        data.external(part[COLUMNS], columns).to_csv(buffer, index=False, encoding="utf-8")
         storage.write_bytes(url, buffer.getvalue())
     storage.write_json(paths.labels, {"classes": classes, "mapping": mapping})
     storage.write_json(paths.prepared_stats, stats)

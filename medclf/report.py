@@ -20,6 +20,7 @@ import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from medclf import data, layout, manifest, storage
+from medclf.config import DatasetSpec
 from medclf.errors import MedclfError
 
 log = logging.getLogger(__name__)
@@ -67,17 +68,18 @@ def metrics(
     return result
 
 
-def note_labels(out: str, df: pd.DataFrame) -> list[set[str]]:
+def note_labels(out: str, df: pd.DataFrame, columns: DatasetSpec) -> list[set[str]]:
     """Every row's correct classes: the labels of all copies of its text in the prepared train and
-    validation files and in `df` itself."""
+    validation files (their label column named by `columns`) and in `df` itself (a table in memory)."""
     ids = df["text_id"] if "text_id" in df.columns else df[data.TEXT].map(data.text_id)
     by_note: dict[str, set[str]] = {}
-    parts = [pd.DataFrame({"text_id": ids, data.SPECIALTY: df[data.SPECIALTY].str.strip()})]
+    parts = [pd.DataFrame({"text_id": ids, "label": df[data.SPECIALTY].str.strip()})]
     for url in (layout.Run(out).prepared_train, layout.Run(out).prepared_validation):
         if storage.exists(url):
-            parts.append(data.read_table(url, ["text_id", data.SPECIALTY])[["text_id", data.SPECIALTY]])
+            prepared = data.read_table(url, ["text_id", columns.label_column], columns)
+            parts.append(prepared[["text_id", columns.label_column]].set_axis(["text_id", "label"], axis=1))
     for part in parts:
-        for note, label in zip(part["text_id"], part[data.SPECIALTY], strict=True):
+        for note, label in zip(part["text_id"], part["label"], strict=True):
             by_note.setdefault(note, set()).add(label)
     return [by_note[note] for note in ids]
 

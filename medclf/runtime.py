@@ -18,6 +18,8 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
+from medclf import preflight
+
 log = logging.getLogger(__name__)
 
 # Test hook: seconds to sleep after every training step (mlm, fine-tuning), so a test can signal
@@ -30,8 +32,15 @@ def step_sleep() -> float:
     return float(os.environ.get(STEP_SLEEP_ENV, "0") or 0)
 
 
-def make_accelerator(report_to: str = "none", project_dir: Optional[str] = None) -> Accelerator:
+def make_accelerator(
+    shared: Optional[str] = None, what: str = "out", report_to: str = "none", project_dir: Optional[str] = None
+) -> Accelerator:
     """One Accelerator per job. Without CUDA it runs on CPU (gloo when several ranks were launched).
+
+    `shared` is the folder (`what`: its spec key) all the job's processes read and write; every job
+    passes one. With several processes it is checked to be one folder they all see before the job
+    does any work (medclf/preflight.py), so a node-local `out` fails here, in one line, not at the
+    first checkpoint. None (tests, benchmarks): nothing is shared through storage.
 
     A job that accumulates gradients sets `accelerator.gradient_accumulation_steps` itself, once it
     knows the process count (see mlm.start_accelerator). Mixed precision comes from
@@ -53,6 +62,8 @@ def make_accelerator(report_to: str = "none", project_dir: Optional[str] = None)
         accelerator.device,
         accelerator.mixed_precision,
     )
+    if shared is not None:
+        preflight.check_shared(accelerator, shared, what)
     return accelerator
 
 

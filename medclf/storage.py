@@ -116,7 +116,16 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def join(url: str, *parts: str) -> str:
-    return "/".join([url.rstrip("/")] + [p.strip("/") for p in parts if p])
+    base = url.rstrip("/")
+    base += "/" if base.endswith(":") else ""  # a scheme's root (memory://) keeps its "//"
+    return "/".join([base] + [p.strip("/") for p in parts if p])
+
+
+def parent(url: str) -> str:
+    """The folder a file's URL is in: s3://b/x/y.csv -> s3://b/x, y.csv -> . (the working folder)."""
+    scheme, sep, path = url.partition("://") if "://" in url else ("", "", url)
+    folder = path.rstrip("/").rpartition("/")[0] or ("/" if path.startswith("/") else "" if sep else ".")
+    return f"{scheme}{sep}{folder}"
 
 
 def is_local(url: str) -> bool:

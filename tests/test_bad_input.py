@@ -166,6 +166,13 @@ OPEN_QUOTE = '9,d,Surgery,n,"never closed,kw\n'
 NEVER_CLOSED = r"line 2: broken quoting .*runs on to line \d+: a quote that never closes"
 CR = r"ends with a bare carriage return"
 
+# A column (dataset.text_column, dataset.label_column) the file does not have: the key and the columns present.
+NO_NOTE_TEXT = ["dataset.text_column=note_text"]
+NO_DEPARTMENT = ["dataset.label_column=department"]
+NOTE_TEXT_MISSING = r"missing column\(s\) note_text \(dataset\.text_column\); columns present: .*transcription"
+DEPARTMENT_MISSING = r"missing column\(s\) department \(dataset\.label_column\); columns present: .*medical_specialty"
+NOTES_HAVE = r"; columns present: text_id, transcription$"  # notes.csv: a user's own file, without labels
+
 CASES = [
     # prepare
     ("prepare", "missing CSV", [*PREPARE, "prepare.input={run}/absent.csv"], None, NO_SUCH_FILE),
@@ -220,7 +227,24 @@ CASES = [
     ),
     ("prepare", "existing output", [*PREPARE, "out={run}"], None, r"run/prepare: output exists"),
     ("prepare", "unwritable output", [*PREPARE, "out={run}/blocked/run"], None, UNWRITABLE),
+    ("prepare", "text column not in the file", [*PREPARE, *NO_NOTE_TEXT], None, r"raw\.csv: " + NOTE_TEXT_MISSING),
+    ("prepare", "label column not in the file", [*PREPARE, *NO_DEPARTMENT], None, r"raw\.csv: " + DEPARTMENT_MISSING),
+    (
+        "run",
+        "label column not in the file",
+        ["run", "out={run}/new", "prepare.input={run}/raw.csv", "mlm.model={tiny}", *NO_DEPARTMENT],
+        None,
+        r"raw\.csv: " + DEPARTMENT_MISSING,
+    ),
     # mlm
+    ("mlm", "text column not in the file", [*MLM, *NO_NOTE_TEXT], None, r"train\.csv: " + NOTE_TEXT_MISSING),
+    (
+        "mlm",
+        "text column not in an extra_text file",
+        [*MLM, "mlm.extra_text=[{run}/notes.csv]"],
+        edit_csv("notes.csv", drop_text),
+        r"notes\.csv: missing column\(s\) transcription \(dataset\.text_column\); columns present: text_id$",
+    ),
     ("mlm", "missing CSV", [*MLM, "mlm.train={run}/absent.csv"], None, NO_SUCH_FILE),
     ("mlm", "wrong-schema CSV", MLM, edit_csv(TRAIN, drop_text), r"train\.csv: " + MISSING_TEXT),
     (
@@ -245,6 +269,15 @@ CASES = [
         UNWRITABLE,
     ),
     # head
+    ("head", "text column not in the file", [*HEAD, *NO_NOTE_TEXT], None, r"train\.csv: " + NOTE_TEXT_MISSING),
+    ("head", "label column not in the file", [*HEAD, *NO_DEPARTMENT], None, r"train\.csv: " + DEPARTMENT_MISSING),
+    (
+        "head",
+        "label column not in a head.train file",
+        [*HEAD, "head.train={run}/notes.csv"],
+        None,
+        r"notes\.csv: missing column\(s\) medical_specialty \(dataset\.label_column\)" + NOTES_HAVE,
+    ),
     ("head", "missing CSV", [*HEAD, "head.train={run}/absent.csv"], None, NO_SUCH_FILE),
     (
         "head",
@@ -307,6 +340,27 @@ CASES = [
         UNWRITABLE.replace("blocked", "head-blocked"),
     ),
     # evaluate
+    (
+        "evaluate",
+        "text column not in the file",
+        [*EVALUATE, *NO_NOTE_TEXT],
+        None,
+        r"validation\.csv: " + NOTE_TEXT_MISSING,
+    ),
+    (
+        "evaluate",
+        "label column not in the evaluate.data file",
+        [*EVALUATE, "evaluate.data={run}/notes.csv"],
+        None,
+        r"notes\.csv: missing column\(s\) medical_specialty \(dataset\.label_column\)" + NOTES_HAVE,
+    ),
+    (
+        "evaluate",
+        "label column not in the file (baseline)",
+        [*EVALUATE, "evaluate.model=baseline", *NO_DEPARTMENT],
+        None,
+        r"train\.csv: " + DEPARTMENT_MISSING,
+    ),
     ("evaluate", "missing CSV", [*EVALUATE, "evaluate.data={run}/absent.csv"], None, NO_SUCH_FILE),
     ("evaluate", "wrong-schema CSV", EVALUATE, edit_csv(VALIDATION, drop_text), r"validation\.csv: " + MISSING_TEXT),
     ("evaluate", "fields missing", EVALUATE, after_header(VALIDATION, "x,y\n"), r"validation\.csv: line 2: 2 fields"),
@@ -361,6 +415,8 @@ CASES = [
         UNWRITABLE,
     ),
     # compare
+    ("compare", "text column not in the file", [*COMPARE, *NO_NOTE_TEXT], None, r"train\.csv: " + NOTE_TEXT_MISSING),
+    ("compare", "label column not in the file", [*COMPARE, *NO_DEPARTMENT], None, r"train\.csv: " + DEPARTMENT_MISSING),
     ("compare", "missing CSV", [*COMPARE, "head.validation={run}/absent.csv"], None, NO_SUCH_FILE),
     ("compare", "wrong-schema CSV", COMPARE, edit_csv(TRAIN, drop_text), r"train\.csv: " + MISSING_TEXT),
     (
@@ -394,13 +450,20 @@ CASES = [
     ),
     ("compare", "existing output", COMPARE, write("comparison.md", "x"), r"comparison\.md: output exists"),
     # predict
+    (
+        "predict",
+        "text column not in the file",
+        [*PREDICT, *NO_NOTE_TEXT],
+        None,
+        r"notes\.csv: missing column\(s\) note_text \(dataset\.text_column\)" + NOTES_HAVE,
+    ),
     ("predict", "missing CSV", [*PREDICT, "predict.input={run}/absent.csv"], None, NO_SUCH_FILE),
     (
         "predict",
         "wrong-schema CSV",
         PREDICT,
         edit_csv("notes.csv", drop_text),
-        r"notes\.csv: missing column transcription",
+        r"notes\.csv: " + MISSING_TEXT,
     ),
     (
         "predict",

@@ -171,3 +171,36 @@ def test_standardize_is_for_frozen_heads_only():
     with pytest.raises(MedclfError, match=r"head.standardize: applies to a frozen encoder's features only"):
         config.load("head", None, ["out=/tmp/x", "head.freeze=false", "head.standardize=true"])
     assert config.load("head", None, ["out=/tmp/x", "head.standardize=true"]).head.standardize is True
+
+
+def test_the_columns_are_one_setting_for_every_job():
+    spec = load("out: o\ndataset: {text_column: note_text}", "label_column=department", job="head")
+    assert (spec.dataset.text_column, spec.dataset.label_column) == (
+        "note_text",
+        "department",
+    )  # bare: the dataset section
+    predict = config.load("predict", None, ["model=m", "input=i.csv", "output=o.csv", "text_column=t"])
+    assert predict.dataset.text_column == "t"
+    assert "    dataset.label_column = medical_specialty" in config.describe("predict")
+    # evaluate's own `data` (the CSV to score) stays a bare key: the section has another name
+    assert config.load("evaluate", None, ["out=o", "data=held_out.csv"]).evaluate.data == "held_out.csv"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["mlm.text_column=note"], "mlm.text_column: unknown key (now dataset.text_column, for every job)"),
+        (["predict.text_column=note"], "predict.text_column: unknown key (now dataset.text_column, for every job)"),
+        (
+            ["dataset.label_column=transcription"],
+            "dataset.label_column: must differ from dataset.text_column, both are",
+        ),
+        (["dataset.text_column= "], "dataset.text_column: must name a column, got ' '"),
+        (["dataset.label_column=text_id"], "dataset.label_column: text_id is a column prepare adds"),
+        (["data.columns=x"], "data.columns: unknown key"),
+    ],
+)
+def test_bad_column_settings_are_refused_by_key(overrides, message):
+    with pytest.raises(MedclfError) as e:
+        load("out: o", *overrides, job="mlm")
+    assert message in str(e.value)

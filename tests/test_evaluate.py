@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from medclf import config, evaluate, head, report, storage
+from medclf.config import DatasetSpec
 from medclf.errors import MedclfError
 from tests.helpers import head_spec, make_small_run, tree
 
@@ -39,7 +40,7 @@ def test_any_label_sets_collect_every_copy_of_a_note_across_both_splits(tmp_path
     rows([("n1", "b"), ("n2", "c")]).to_csv(tmp_path / "prepare" / "train.csv", index=False)
     validation = rows([("n1", "a"), ("n3", "a"), ("n3", "c")])
     validation.to_csv(tmp_path / "prepare" / "validation.csv", index=False)
-    assert report.note_labels(str(tmp_path), validation) == [{"a", "b"}, {"a", "c"}, {"a", "c"}]
+    assert report.note_labels(str(tmp_path), validation, DatasetSpec()) == [{"a", "b"}, {"a", "c"}, {"a", "c"}]
 
 
 def test_report_files(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from medclf import checkpoint, classifier, cli, features, head, optim, runtime, training
+from medclf import checkpoint, classifier, cli, config, features, head, optim, runtime, training
 from medclf.classifier import Classifier, Head
 from medclf.errors import EXIT_PREEMPTED, MedclfError, Preempted
 from tests.helpers import head_spec, make_small_run, run_cli, tree
@@ -306,7 +306,7 @@ def test_fit_keeps_the_epoch_with_the_best_dev_score():
 
 
 def test_the_dev_fold_is_carved_from_train_by_note(prepared):
-    classes, train, _ = head.data.read_splits(str(prepared))
+    classes, train, _ = head.data.read_splits(str(prepared), config.DatasetSpec())
     fit_part, dev = head.carve_dev(train, 0.2, 42, classes)
     assert not set(fit_part[1]["text_id"]) & set(dev[1]["text_id"])
     assert len(fit_part[2]) + len(dev[2]) == len(train[2]) and len(fit_part[1]) == len(fit_part[2])

@@ -32,6 +32,26 @@ def test_differences_name_each_key_and_input_with_both_values():
     ]
 
 
+def test_a_moved_key_compares_with_the_value_its_old_key_recorded():
+    # mlm.text_column and predict.text_column became dataset.text_column: a record from before still matches
+    there = {"keys": {"predict.text_column": "note"}, "inputs": {}}
+    assert jobrecord.differences(there, _record({"dataset.text_column": "note"}, {})) == []
+    assert jobrecord.differences(there, _record({"dataset.text_column": "text"}, {})) == [
+        "dataset.text_column: note there, text now"
+    ]
+    assert jobrecord.differences({"keys": {"mlm.text_column": "transcription"}}, _record(DEFAULT_COLUMNS, {})) == []
+
+
+DEFAULT_COLUMNS = {"dataset.text_column": "transcription", "dataset.label_column": "medical_specialty"}
+
+
+def test_the_columns_shape_every_job_that_reads_notes():
+    for job in ("prepare", "mlm", "head", "compare", "evaluate", "predict"):
+        assert "dataset.text_column" in jobrecord.KEYS[job], job
+    for job in ("prepare", "head", "compare", "evaluate"):  # predict and mlm read no labels
+        assert "dataset.label_column" in jobrecord.KEYS[job], job
+
+
 def test_every_recorded_key_exists_in_the_spec():
     spec = config.RunSpec()
     for job in jobrecord.KEYS:

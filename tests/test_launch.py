@@ -1,4 +1,5 @@
-"""medclf.launch gives CPU runs' workers the glibc malloc settings, unless the user set their own."""
+"""medclf.launch gives CPU runs' workers the glibc malloc settings, unless the user set their own, and
+its exit status tells a preemption (75) and a refusal (2) from a crash (1)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,19 @@ def test_only_cpu_runs_get_the_settings(monkeypatch, cpu_flag, use_cpu_env, cuda
     environ = {"ACCELERATE_USE_CPU": use_cpu_env} if use_cpu_env else {}
     launch.cpu_allocator_env(SimpleNamespace(cpu=cpu_flag), environ)
     assert environ.get("GLIBC_TUNABLES") == (launch.CPU_MALLOC_TUNABLES if expected else None)
+
+
+@pytest.mark.parametrize(
+    "codes, expected",
+    [
+        ([75], 75),  # every rank stopped after the checkpoint
+        ([-15, 75], 75),  # ... or was stopped by the agent once one had
+        ([2], 2),  # every rank refused the input (e.g. the preflight's node-local `out`)
+        ([-15, 2], 2),
+        ([2, 75], 1),  # a mix is a failure
+        ([1, 2], 1),
+        ([-9], 1),  # killed from outside
+    ],
+)
+def test_the_launch_status_keeps_a_preemption_and_a_refusal_apart_from_a_crash(codes, expected):
+    assert launch.job_status(codes) == expected

@@ -74,13 +74,15 @@ def test_predict_bad_input(model_dir, notes, tmp_path):
         predict.run(config.load("predict", None, [f"model={model_dir}", f"input={source}", f"output={target}", *extra]))
 
     notes.rename(columns={"transcription": "text"}).to_csv(source, index=False)
-    with pytest.raises(MedclfError, match=r"notes.csv: missing column transcription"):
+    missing = r"notes.csv: missing column\(s\) transcription \(dataset.text_column\)"
+    missing += "; columns present: note_id, text_id, text$"
+    with pytest.raises(MedclfError, match=missing):
         run()
     run("text_column=text")  # the column named in the spec is the one read
     before = target.stat().st_mtime_ns, target.read_bytes()
     run("text_column=text", "chunk_rows=3")  # up to date: chunk_rows changes speed only
     assert (target.stat().st_mtime_ns, target.read_bytes()) == before
-    with pytest.raises(MedclfError, match=r"predict.text_column: text there, transcription now; overwrite=true"):
+    with pytest.raises(MedclfError, match=r"dataset.text_column: text there, transcription now; overwrite=true"):
         run()
 
     blank = notes.copy()
@@ -141,6 +143,7 @@ def test_two_ranks_write_the_same_rows_as_one_process(model_dir, notes, tmp_path
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "accelerator: 2 process(es)" in result.stderr
+    assert f"preflight: the folder of predict.output ({tmp_path}) is seen by all 2 processes" in result.stderr
     predict.run(config.load("predict", None, [a.lstrip("-") for a in args] + [f"output={tmp_path / 'one.csv'}"]))
     one, two = pd.read_csv(tmp_path / "one.csv"), pd.read_csv(tmp_path / "two.csv")
     assert one.columns.tolist() == two.columns.tolist() and one["row"].tolist() == two["row"].tolist()

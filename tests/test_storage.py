@@ -91,3 +91,17 @@ def test_folder_upload_and_download(tmp_path, mem):
     assert open(os.path.join(dest, "sub", "b.txt")).read() == "b"
     with pytest.raises(MedclfError, match="no such folder"):
         storage.download_dir(storage.join(mem, "nothing"), str(tmp_path / "d2"))
+
+
+@pytest.mark.parametrize(
+    "url, folder, marker",
+    [
+        ("s3://bucket/run/pred.csv", "s3://bucket/run", "s3://bucket/run/m"),
+        ("pred.csv", ".", "./m"),
+        ("/pred.csv", "/", "/m"),
+        ("file:///tmp/pred.csv", "file:///tmp", "file:///tmp/m"),
+        ("memory://pred.csv", "memory://", "memory://m"),  # a scheme's root keeps its "//"
+    ],
+)
+def test_the_folder_of_a_file_and_a_name_in_it(url, folder, marker):
+    assert storage.parent(url) == folder and storage.join(folder, "m") == marker
