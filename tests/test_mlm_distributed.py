@@ -71,7 +71,9 @@ def test_two_ranks_match_one_process(tiny_bert, mtsamples, tmp_path):
     m2 = json.loads((two / "mlm" / "metrics.json").read_text())
     assert (m1["world_size"], m2["world_size"]) == (1, 2)
     # The token stores are the same files, byte for byte, tokenized by one process or by two.
-    stores = [{p.name: p.read_bytes() for p in (out / "cache").glob("tokens-*/*.npy")} for out in (one, two)]
+    stores = [
+        {str(p.relative_to(out)): p.read_bytes() for p in (out / "cache").glob("tokens-*/*.npy")} for out in (one, two)
+    ]
     assert stores[0] == stores[1] and len(stores[0]) == 2 * (4 + 2)  # 4 training shards, 2 validation
     assert abs(m1["first_step_loss"] - m2["first_step_loss"]) < 1e-5
     # Fixed evaluation masks: the same validation loss on one rank and on two.
