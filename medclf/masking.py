@@ -41,10 +41,15 @@ class Masker:
     probability: float = 0.15
     whole_word: bool = False
 
+    def __post_init__(self) -> None:
+        # A lookup table of the special ids: np.isin costs more than drawing the block's masks.
+        self._special = np.zeros(max(self.special_ids, default=-1) + 2, dtype=np.bool_)
+        self._special[self.special_ids] = True
+
     def _selected(self, ids: Any, word_start: Any, seed: int, epoch: int, index: int):
         """The block's generator (its first draw taken), ids as int64, and the positions chosen."""
         rng = np.random.default_rng([seed, epoch + 1, index])
-        ids_np = np.asarray(ids).astype(np.int64)
+        ids_np = np.asarray(ids, dtype=np.int64)  # no copy of the int64 blocks the token store gives
         draw_select = rng.random(len(ids_np))
         if self.whole_word:
             # All pieces of a word share the draw of its first piece.
@@ -53,7 +58,7 @@ class Masker:
             selected = draw_select[np.flatnonzero(np.r_[True, word[1:] != word[:-1]])][word] < self.probability
         else:
             selected = draw_select < self.probability
-        selected &= ~np.isin(ids_np, self.special_ids)
+        selected &= ~self._special[np.minimum(ids_np, len(self._special) - 1)]  # the last entry is False
         return rng, ids_np, selected
 
     def block(self, ids: Any, word_start: Any, seed: int, epoch: int, index: int):

@@ -72,9 +72,17 @@ def inputs(spec: RunSpec) -> tuple[list[str], str]:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """What makes two tokenizers produce the same ids: the full backend definition, or the vocabulary."""
+    """What makes two tokenizers produce the same ids: the backend definition, or the vocabulary.
+
+    Not its truncation and padding: calling the tokenizer resets them, so a process that has
+    tokenized would otherwise name another store than one that has not (the store never pads or
+    truncates)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        definition = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        text = json.dumps(definition, sort_keys=True)
+    else:
+        text = json.dumps(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(f"{type(tokenizer).__name__}\n{text}".encode()).hexdigest()
 
 

@@ -78,6 +78,16 @@ def test_the_stream_is_the_distinct_texts_in_order_whatever_the_shard_size_and_r
     assert continued and not expected_starts[continued].any()
 
 
+def test_the_store_key_does_not_change_when_the_tokenizer_has_been_used(notes, tiny_bert):
+    # A process with no shard of its own never calls the tokenizer; the key must still be the same.
+    fresh = AutoTokenizer.from_pretrained(tiny_bert)
+    fresh.backend_tokenizer.enable_truncation(128)  # as a tokenizer.json with truncation loads (MiniLM's)
+    key = tokenstore.tokenizer_fingerprint(fresh)
+    tokenstore.tokenize(notes[:2], fresh)  # resets truncation and padding
+    assert tokenstore.tokenizer_fingerprint(fresh) == key
+    assert key != tokenstore.tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_bert, do_lower_case=False))
+
+
 def test_blocks_span_shards_and_the_tail_is_dropped(notes, tokenizer, tmp_path):
     built = build_as(1, [write_csv(tmp_path / "a.csv", notes[:5])], tokenizer, tmp_path / "cache", 1)
     ids, starts = whole(built.stream)
