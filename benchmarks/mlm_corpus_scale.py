@@ -103,35 +103,14 @@ def training_tokens(cache: pathlib.Path) -> int:
 
 
 def run_mlm(out: pathlib.Path, args: argparse.Namespace) -> dict:
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "medclf",
-        "mlm",
-        f"out={out}",
-        f"model={args.model}",
-        f"max_length={args.max_length}",
-        "batch_size=4",
-        "micro_batch_size=2",
-        f"max_steps={args.steps}",
-        "eval_blocks=4",
-        "log_every=1",
-        "checkpoint_every=1000",
-        f"shard_rows={args.shard_rows}",
-    ]
+    """`medclf mlm` on 2 gloo ranks (PLATFORM.md: --multi_gpu with ACCELERATE_USE_CPU=1), watched."""
+    launch = "--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no".split()
+    job = (
+        f"out={out} model={args.model} max_length={args.max_length} max_steps={args.steps} shard_rows={args.shard_rows}"
+    )
+    settings = "batch_size=4 micro_batch_size=2 eval_blocks=4 log_every=1 checkpoint_every=1000"
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--main_process_port", str(free_port())]
+    command += ["-m", "medclf", "mlm", *job.split(), *settings.split()]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     started = time.perf_counter()
     launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
