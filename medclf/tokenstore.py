@@ -133,14 +133,19 @@ def build(
     url = store_url(urls, column, tokenizer, cache, shard_rows)
     rank, world = accelerator.process_index, accelerator.num_processes
     built, count = 0, 0
-    complete = manifest.exists(url)
-    known = _verified_mine(url, rank, world) if complete else None  # (verified, damaged) of this process's shards
+    complete, known = manifest.exists(url), None  # known: (verified, damaged) of this process's shards
+    if complete:
+        try:
+            known = _verified_mine(url, rank, world)
+        except MedclfError as e:  # a damaged manifest: every process sees it, and the main one writes it anew
+            log.warning("%s; writing it again", e)
+            complete = False
     if not complete:
         check(urls, column, shard_rows)  # every process: all refuse bad input, before any file is written
     if known is None or known[1]:
         built, count = _build_shards(url, urls, column, tokenizer, shard_rows, (rank, world), known)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and not manifest.exists(url):
+    if accelerator.is_main_process and not complete:
         _write_manifest(url, count)  # the main process has read every row: it knows the count
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - started

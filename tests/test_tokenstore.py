@@ -142,6 +142,18 @@ def test_a_damaged_shard_is_refused_by_name_and_rebuilt_alone(damage, notes, tok
     assert "rebuilding" not in caplog.text
 
 
+def test_a_damaged_store_manifest_is_written_again_and_no_shard_redone(notes, tokenizer, tmp_path, caplog):
+    csv = write_csv(tmp_path / "a.csv", notes[:4])
+    first = build_as(2, [csv], tokenizer, tmp_path / "cache", 2)
+    listing = Path(first.url) / manifest.MANIFEST
+    good = listing.read_bytes()
+    listing.write_bytes(good[:-20])
+    with caplog.at_level(logging.INFO, logger="medclf"):
+        again = build_as(2, [csv], tokenizer, tmp_path / "cache", 2)
+    assert f"{listing}: not valid JSON" in caplog.text and "writing it again" in caplog.text
+    assert again.tokens_built == 0 and "shard 0 (" not in caplog.text and listing.read_bytes() == good
+
+
 @pytest.mark.slow
 def test_killed_while_tokenizing_resumes_without_redoing_verified_shards(tiny_bert, mtsamples, tmp_path, caplog):
     out = make_mlm_run(tmp_path / "run", mtsamples, train_rows=12)
