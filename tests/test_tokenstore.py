@@ -106,7 +106,10 @@ def test_an_empty_text_is_refused_by_row_and_nothing_is_written(notes, tokenizer
         build_as(2, [csv], tokenizer, tmp_path / "cache", 2)
     assert not (tmp_path / "cache").exists()
     other = write_csv(tmp_path / "b.csv", notes[:2], column="text")
-    with pytest.raises(MedclfError, match=r"b\.csv: missing column\(s\) transcription \(has: id, text\)"):
+    with pytest.raises(
+        MedclfError,
+        match=r"b\.csv: missing column\(s\) transcription \(dataset\.text_column\); columns present: id, text",
+    ):
         build_as(1, [other], tokenizer, tmp_path / "cache", 2)
 
 
