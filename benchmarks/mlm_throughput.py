@@ -40,8 +40,8 @@ from transformers import (
     DataCollatorForLanguageModeling,
 )
 
-from medclf import models
-from medclf.masking import IGNORE, Masker, pack, token_stream
+from medclf import models, tokenstore
+from medclf.masking import IGNORE, Masker, pack
 from medclf.mlm import MaskedLM, adamw
 
 DATA = pathlib.Path(__file__).resolve().parent.parent / "data" / "mtsamples.csv.xz"  # shipped
@@ -118,7 +118,8 @@ def main() -> None:
     if args.tokens == "real":
         tokenizer = AutoTokenizer.from_pretrained(models.resolve(args.model))
         texts = real_texts(args.data)[:n_notes]
-        ids, starts = token_stream(texts, tokenizer, "memory://benchmark-cache")
+        ids_np, starts_np = tokenstore.tokenize(texts, tokenizer)
+        ids, starts = torch.from_numpy(ids_np.astype("int64")), torch.from_numpy(starts_np)
         encoded = tokenizer(texts, truncation=True, max_length=args.max_length, padding="max_length")
     else:
         tokenizer = synthetic_tokenizer()
@@ -134,7 +135,7 @@ def main() -> None:
     config = model.config
 
     # ours: packed blocks, seeded masks, masked-only projection
-    blocks, block_starts = pack(ids, args.max_length), pack(starts, args.max_length)
+    blocks = list(zip(pack(ids, args.max_length), pack(starts, args.max_length), strict=True))  # (ids, starts)
     masker = Masker(tokenizer.mask_token_id, len(tokenizer), tokenizer.all_special_ids)
     ours = MaskedLM(model)
 
@@ -144,7 +145,7 @@ def main() -> None:
 
     def step_ours(k: int) -> tuple[int, int]:
         rows = [(k * args.batch + j) % len(blocks) for j in range(args.batch)]
-        inputs, labels = masker.batch(blocks, block_starts, rows, seed=0, epoch=0)
+        inputs, labels = masker.batch(blocks, rows, seed=0, epoch=0)
         masked = int((labels != IGNORE).sum())
         with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
             loss = ours(inputs.to(device), labels.to(device)) / masked

@@ -18,6 +18,7 @@ from medclf.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, Diverge
 JOBS = {
     "prepare": ("medclf.prepare", "check, clean and split the raw CSV (MTSamples, or your own: see dataset.*)"),
     "mlm": ("medclf.mlm", "masked-LM domain adaptation of a BERT checkpoint on the training notes"),
+    "tokenize": ("medclf.tokenstore", "mlm's first step alone: its token stores, sharded over every process"),
     "head": ("medclf.head", "train the classification head on a frozen (or fine-tuned) encoder"),
     "evaluate": ("medclf.evaluate", "metrics, per-class report and confusion matrix of a classifier"),
     "compare": ("medclf.compare", "adapted vs out-of-the-box encoder: heads over several seeds, statistics"),

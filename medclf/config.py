@@ -145,11 +145,23 @@ class MlmSpec:
     log_every: int = opt(10, "log loss, lr, tokens/s and ETA every N steps")
     report_to: str = opt("none", "accelerate trackers: none, tensorboard, wandb, ... (comma separated)")
     eval_blocks: Optional[int] = opt(None, "evaluate on the first N validation blocks only (None: all)")
+    shard_rows: int = opt(8192, "rows per token-store shard: the unit of tokenizing, of resuming it and of memory")
+    loader_workers: int = opt(2, "processes per rank masking batches ahead of training (0: in the training process)")
 
     def problems(self) -> list[str]:
         found = _at_least(
-            self, "mlm", 1, "max_length", "batch_size", "micro_batch_size", "checkpoint_every", "keep_last", "log_every"
+            self,
+            "mlm",
+            1,
+            "max_length",
+            "batch_size",
+            "micro_batch_size",
+            "checkpoint_every",
+            "keep_last",
+            "log_every",
+            "shard_rows",
         )
+        found += _at_least(self, "mlm", 0, "loader_workers")
         if _is_number(self.mlm_probability) and not 0 < self.mlm_probability < 1:
             found.append(f"mlm.mlm_probability: must be between 0 and 1, got {self.mlm_probability}")
         if _is_number(self.max_steps) and self.max_steps < 1:
@@ -306,6 +318,7 @@ class RunSpec:
 REQUIRED = {
     "prepare": ["out", "prepare.input"],
     "mlm": ["out"],
+    "tokenize": ["out"],
     "head": ["out"],
     "evaluate": ["out"],
     "compare": ["out"],
@@ -315,7 +328,7 @@ REQUIRED = {
 
 
 # The sections each job reads (besides the top level and storage): their ranges are checked.
-SECTIONS = {"prepare": ["prepare"], "mlm": ["mlm"], "head": ["head"], "evaluate": ["evaluate"]}
+SECTIONS = {"prepare": ["prepare"], "mlm": ["mlm"], "tokenize": ["mlm"], "head": ["head"], "evaluate": ["evaluate"]}
 SECTIONS |= {"compare": ["compare", "head"], "predict": ["predict"], "run": ["prepare", "mlm", "head", "compare"]}
 
 T = TypeVar("T")
@@ -396,14 +409,16 @@ def load(job: str, spec_text: Optional[str], overrides: list[str], source: str =
 
 
 def resolve_key(job: str, key: str) -> list[str]:
-    """`mlm.lr` as given; a bare `lr` means the job's own section unless it is a top-level key, and a
-    bare `text_column` or `label_column` the dataset section (every job reads it)."""
+    """`mlm.lr` as given; a bare `lr` means the job's own section unless it is a top-level key, a bare
+    `text_column` or `label_column` the dataset section (every job reads it); tokenize's section is
+    mlm's (it is the masked-LM job's first step)."""
     path = key.split(".")
     top = {f.name for f in dataclasses.fields(RunSpec)}
     if path[0] not in top and len(path) == 1 and path[0] in {f.name for f in dataclasses.fields(DatasetSpec)}:
         return ["dataset"] + path
-    if path[0] not in top and job in top:
-        path = [job] + path
+    own = "mlm" if job == "tokenize" else job
+    if path[0] not in top and own in top:
+        path = [own] + path
     return path
 
 
@@ -530,7 +545,11 @@ def describe(job: Optional[str] = None) -> str:
     for f in dataclasses.fields(RunSpec):
         tp = _hints(RunSpec)[f.name]
         if dataclasses.is_dataclass(tp):
-            if job is None or f.name in (*(SECTIONS["run"] if job == "run" else [job]), "storage", "dataset"):
+            if job is None or f.name in (
+                *(SECTIONS[job] if job in ("run", "tokenize") else [job]),
+                "storage",
+                "dataset",
+            ):
                 lines.append(f"  {f.name}:  ({f.metadata['help']})")
                 for g in dataclasses.fields(tp):
                     lines.append(_describe_field(f"{f.name}.{g.name}", g))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
+import lzma
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
@@ -67,6 +69,32 @@ def check_columns(url: str, present: list[str], columns: list[str], named_by: Op
     missing = [f"{c} ({keys[c]})" if c in keys else c for c in columns if c not in present]
     if missing:
         raise MedclfError(f"{url}: missing column(s) {', '.join(missing)}; columns present: {', '.join(present)}")
+
+
+def read_text_chunks(url: str, column: str, chunk_rows: int) -> Iterator[list[str]]:
+    """The values of `column`, `chunk_rows` rows at a time, of a CSV of any size (plain or compressed).
+
+    Checked record by record as `check_structure` says (memory stays one chunk), with the same
+    one-line errors as `read_table`."""
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # a long note is not a broken file
+    with storage.open_read(url, "rb", compression="infer") as source:
+        lines = io.TextIOWrapper(source, encoding="utf-8-sig", newline="")
+        try:
+            records = checked_records(lines, url)
+            header = next(records, None)
+            if header is None:
+                raise MedclfError(f"{url}: file is empty")
+            if column not in header:  # as check_columns words it; mlm's text column is dataset.text_column
+                raise MedclfError(
+                    f"{url}: missing column(s) {column} (dataset.text_column); columns present: {', '.join(header)}"
+                )
+            at = header.index(column)
+            for chunk in iter(lambda: list(itertools.islice(records, chunk_rows)), []):
+                yield [record[at] for record in chunk]
+        except UnicodeDecodeError as e:
+            raise MedclfError(f"{url}: not UTF-8 (bad byte 0x{e.object[e.start]:02x})") from None
+        except (lzma.LZMAError, EOFError) as e:
+            raise MedclfError(f"{url}: cannot decompress ({storage.describe_error(e)})") from None
 
 
 def check_structure(text: str, url: str) -> int:

@@ -1,68 +1,25 @@
-"""Masked-LM batches: texts -> token stream (tokenized once, cached) -> full blocks -> masks.
+"""Masked-LM batches: full blocks of the token stream (medclf/tokenstore.py) -> masks -> step batches.
 
 Masks are a pure function of (seed, epoch, block index): every rank can build any block's
 masks without talking to the others, a resumed run rebuilds exactly the masks it would have
 seen, and the evaluation masks (epoch -1, `eval_seed`) are the same for every run and process
-count.
+count. So a DataLoader's workers can build the batches of the coming steps while the model
+trains (`step_loader`): a batch is a function of the step alone.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
+import contextlib
+import functools
+import os
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from medclf import manifest, storage
-
-log = logging.getLogger(__name__)
-
 IGNORE = -100  # label of positions that carry no loss (the convention of torch's cross_entropy)
-
-
-# ---------------------------------------------------------------- token stream, cached
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """What makes two tokenizers produce the same ids: the full backend definition, or the vocabulary."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(f"{type(tokenizer).__name__}\n{text}".encode()).hexdigest()
-
-
-def fingerprint(texts: list[str], tokenizer) -> str:
-    digest = hashlib.sha256(tokenizer_fingerprint(tokenizer).encode())
-    for text in texts:
-        digest.update(hashlib.sha256(text.encode("utf-8")).digest())
-    return digest.hexdigest()[:24]
-
-
-def token_stream(texts: list[str], tokenizer, cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """All texts as one stream of ids (each text wrapped in [CLS] ... [SEP]) and a word-start flag per token.
-
-    Cached under `cache_dir` by a fingerprint of the texts and the tokenizer, sealed with the SHA-256
-    of its tensors (a damaged cache is rebuilt with a warning); call it on the main
-    process first (`accelerator.main_process_first()`), so the others read what it wrote.
-    """
-    url = storage.join(cache_dir, f"mlm-tokens-{fingerprint(texts, tokenizer)}.safetensors")
-    cached = manifest.read_sealed(url, "token cache")  # None: absent, or damaged (then rebuilt)
-    if cached is not None and {"input_ids", "word_start"} <= cached.keys():
-        return cached["input_ids"], cached["word_start"]
-    ids, starts = [], []
-    for begin in range(0, len(texts), 256):
-        enc = tokenizer(texts[begin : begin + 256], add_special_tokens=False, verbose=False)
-        for i, piece_ids in enumerate(enc["input_ids"]):
-            word_ids = enc.word_ids(i) if enc.is_fast else [None] * len(piece_ids)
-            first = [w is None or j == 0 or w != word_ids[j - 1] for j, w in enumerate(word_ids)]
-            ids += [tokenizer.cls_token_id, *piece_ids, tokenizer.sep_token_id]
-            starts += [True, *first, True]
-    stream = torch.tensor(ids, dtype=torch.int32), torch.tensor(starts, dtype=torch.bool)
-    storage.write_bytes(url, manifest.sealed({"input_ids": stream[0], "word_start": stream[1]}))
-    log.info("tokenized %d texts into %d tokens; cached at %s", len(texts), len(ids), url)
-    return stream
+PREFETCH = 4  # global batches each DataLoader worker prepares ahead
 
 
 def pack(stream: torch.Tensor, block: int) -> torch.Tensor:
@@ -84,21 +41,32 @@ class Masker:
     probability: float = 0.15
     whole_word: bool = False
 
-    def block(self, ids: torch.Tensor, word_start: torch.Tensor, seed: int, epoch: int, index: int):
-        """(inputs, labels) of one block; the same arguments always give the same masks."""
+    def __post_init__(self) -> None:
+        # A lookup table of the special ids: np.isin costs more than drawing the block's masks.
+        self._special = np.zeros(max(self.special_ids, default=-1) + 2, dtype=np.bool_)
+        self._special[self.special_ids] = True
+
+    def _selected(self, ids: Any, word_start: Any, seed: int, epoch: int, index: int):
+        """The block's generator (its first draw taken), ids as int64, and the positions chosen."""
         rng = np.random.default_rng([seed, epoch + 1, index])
-        length = len(ids)
-        draw_select, draw_kind = rng.random(length), rng.random(length)
-        random_tokens = rng.integers(0, self.vocab_size, length)
-        ids_np = ids.numpy().astype(np.int64)
+        ids_np = np.asarray(ids, dtype=np.int64)  # no copy of the int64 blocks the token store gives
+        draw_select = rng.random(len(ids_np))
         if self.whole_word:
             # All pieces of a word share the draw of its first piece.
-            word = np.cumsum(word_start.numpy()) - 1
+            word = np.cumsum(np.asarray(word_start)) - 1
             word = word - word.min()
             selected = draw_select[np.flatnonzero(np.r_[True, word[1:] != word[:-1]])][word] < self.probability
         else:
             selected = draw_select < self.probability
-        selected &= ~np.isin(ids_np, self.special_ids)
+        selected &= ~self._special[np.minimum(ids_np, len(self._special) - 1)]  # the last entry is False
+        return rng, ids_np, selected
+
+    def block(self, ids: Any, word_start: Any, seed: int, epoch: int, index: int):
+        """(inputs, labels) of one block; the same arguments always give the same masks."""
+        rng, ids_np, selected = self._selected(ids, word_start, seed, epoch, index)
+        length = len(ids_np)
+        draw_kind = rng.random(length)
+        random_tokens = rng.integers(0, self.vocab_size, length)
         labels = np.where(selected, ids_np, IGNORE)
         inputs = ids_np.copy()
         inputs[selected & (draw_kind < 0.8)] = self.mask_token_id
@@ -106,12 +74,99 @@ class Masker:
         inputs[swap] = random_tokens[swap]
         return torch.from_numpy(inputs), torch.from_numpy(labels)
 
-    def batch(self, blocks: torch.Tensor, starts: torch.Tensor, indices, seed: int, epoch: int):
-        """Inputs and labels of the blocks `indices` (rows of `blocks`), stacked."""
-        pairs = [self.block(blocks[i], starts[i], seed, epoch, int(i)) for i in indices]
+    def count(self, ids: Any, word_start: Any, seed: int, epoch: int, index: int) -> int:
+        """How many tokens `block` would mask (its labels that are not IGNORE), without building them."""
+        return int(self._selected(ids, word_start, seed, epoch, index)[2].sum())
+
+    def batch(self, blocks: Any, indices, seed: int, epoch: int):
+        """Inputs and labels of the blocks `indices`, stacked; blocks[i] is (ids, word starts) of block i."""
+        pairs = []
+        for i in map(int, indices):
+            ids, starts = blocks[i]
+            pairs.append(self.block(ids, starts, seed, epoch, i))
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
 def epoch_order(n_blocks: int, seed: int, epoch: int) -> np.ndarray:
     """The shuffled block order of one epoch: the same on every rank, and again after a resume."""
     return np.random.default_rng([seed, epoch + 1, 0x5EED]).permutation(n_blocks)
+
+
+@functools.lru_cache(maxsize=1)
+def _epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's block order, computed once per epoch in each process (it depends only on seed and epoch)."""
+    return epoch_order(count, seed, epoch)
+
+
+# ---------------------------------------------------------------- the batches of training steps
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How global batches are drawn and split: `batch_size` blocks per step in the epoch's order, dealt
+    to `world` processes micro-batch by micro-batch (micro-batch m of rank r: rows (m * world + r) * mb ...)."""
+
+    seed: int
+    batch_size: int
+    micro_batch_size: int
+    steps_per_epoch: int
+    world: int = 1
+    rank: int = 0
+
+    def rows(self) -> np.ndarray:
+        """This process's positions in a global batch, its micro-batches one after the other."""
+        mb = self.micro_batch_size
+        firsts = [(m * self.world + self.rank) * mb for m in range(self.batch_size // (self.world * mb))]
+        return np.concatenate([np.arange(first, first + mb) for first in firsts])
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item i: the batch of step `first + i` for this process: (inputs, labels) of its rows, masked, and
+    the number of masked tokens in the whole global batch (every rank's loss is divided by it)."""
+
+    def __init__(self, blocks: Any, masker: Masker, plan: Plan, first: int, total: int):
+        self.blocks, self.masker, self.plan = blocks, masker, plan
+        self.first, self.total = first, total
+
+    def __len__(self) -> int:
+        return self.total - self.first
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        plan, masker = self.plan, self.masker
+        epoch, position = divmod(self.first + index, plan.steps_per_epoch)
+        order = _epoch_order(len(self.blocks), plan.seed, epoch)
+        indices = order[position * plan.batch_size : (position + 1) * plan.batch_size]
+        rows = plan.rows()
+        inputs, labels = masker.batch(self.blocks, indices[rows], plan.seed, epoch)
+        masked = int((labels != IGNORE).sum())
+        for block in map(int, np.delete(indices, rows)):  # the other ranks' blocks: only their count matters
+            ids, starts = self.blocks[block]
+            masked += masker.count(ids, starts, plan.seed, epoch, block)
+        return inputs, labels, masked
+
+
+@contextlib.contextmanager
+def step_loader(batches: StepBatches, workers: int, pin_memory: bool) -> Iterator[Iterator]:
+    """The step batches in order, built by `workers` processes ahead of training (0: here, on demand).
+
+    The workers are stopped when the block ends, however it ends (a stop signal, a diverged loss)."""
+    if workers:
+        # The fast tokenizer's threads ran in this process; forked workers never tokenize.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    loader = torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,  # an item is a whole step's batch already
+        num_workers=workers,
+        prefetch_factor=PREFETCH if workers else None,
+        pin_memory=pin_memory,
+        # Its own generator: a loader draws a seed for its workers when iterated, and a draw from the
+        # global one would shift the dropout of a resumed run (the batches never use torch's RNG).
+        generator=torch.Generator().manual_seed(0),
+    )
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # the multi-process iterator's own cleanup
+        if shutdown is not None:
+            shutdown()

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 from transformers.modeling_utils import PreTrainedModel
 
-from medclf import checkpoint, config, data, jobrecord, layout, manifest, models, runtime, storage
-from medclf.config import DatasetSpec, RunSpec
+from medclf import checkpoint, config, jobrecord, layout, manifest, models, runtime, storage, tokenstore
+from medclf.config import RunSpec
 from medclf.errors import Diverged, MedclfError, Preempted
-from medclf.masking import IGNORE, Masker, epoch_order, pack, token_stream
+from medclf.masking import IGNORE, Masker, Plan, StepBatches, step_loader
 from medclf.optim import adamw, decay_groups, warmup_then_decay
 
 log = logging.getLogger(__name__)
@@ -116,13 +116,13 @@ class Blocks:
     """The packed training blocks, their masker, and the fixed-mask validation batch."""
 
     tokenizer: Any
-    train: torch.Tensor  # [blocks, max_length] token ids
-    starts: torch.Tensor  # the same shape: 1 where a word starts (whole-word masking)
+    train: tokenstore.StreamBlocks  # block i: (ids, word starts), read from the token store's shards
     masker: Masker
     val_inputs: torch.Tensor
     val_labels: torch.Tensor
     steps_per_epoch: int
     total_steps: int
+    tokenize: dict = field(default_factory=dict)  # what tokenizing took in this run (metrics.json)
 
 
 @dataclass
@@ -146,6 +146,7 @@ def run(spec: RunSpec) -> None:
 
 
 def _run(spec: RunSpec, stop: runtime.StopSignal) -> None:
+    started = time.perf_counter()
     cfg, paths = spec.mlm, layout.Run.of(spec)
     model_path, model_config = check_inputs(spec)
     accelerator, accumulation = start_accelerator(spec)
@@ -161,11 +162,13 @@ def _run(spec: RunSpec, stop: runtime.StopSignal) -> None:
     if state.val_before is None:
         state.val_before = evaluate(t, blocks, cfg.micro_batch_size)
         log.info("validation before: loss %.4f, perplexity %.2f", *_loss_ppl(state.val_before))
-    train(spec, t, blocks, state, stop, saved_at=state.step if resume_url else None)
+    first_step = train(spec, t, blocks, state, stop, saved_at=state.step if resume_url else None)
+    # This run's start-up figures (a resumed run's own): what tokenizing took, and the wait for a first step.
+    startup = {"tokenization": blocks.tokenize, "seconds_to_first_step": first_step - started if first_step else None}
     val_after = evaluate(t, blocks, cfg.micro_batch_size)
     log.info("validation after: loss %.4f, perplexity %.2f", *_loss_ppl(val_after))
     if accelerator.is_main_process:
-        publish(spec, t, blocks, state, val_after)
+        publish(spec, t, blocks, state, val_after, startup)
         jobrecord.write(record)
         log.info("wrote %s and %s", paths.mlm_model, paths.mlm_metrics)
     accelerator.wait_for_everyone()
@@ -222,15 +225,21 @@ def choose_resume(spec: RunSpec, accelerator: Any) -> Optional[str]:
 
 
 def load_blocks(spec: RunSpec, model_path: str, model_config: Any, accelerator: Any, accumulation: int) -> Blocks:
-    """Tokenized once (main process first, then read from the cache), packed into full blocks."""
+    """The token stores of the training and validation text (built by every process together, or found
+    complete), the training blocks read from them, and the fixed-mask validation batch."""
     cfg, paths = spec.mlm, layout.Run.of(spec)
-    train_urls = [cfg.train or paths.prepared_train, *cfg.extra_text]
-    validation_url = cfg.validation or paths.prepared_validation
+    train_urls, validation_url = tokenstore.inputs(spec)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    with accelerator.main_process_first():
-        train_ids, train_starts = token_stream(_texts(train_urls, spec.dataset), tokenizer, paths.cache)
-        val_ids, val_starts = token_stream(_texts([validation_url], spec.dataset), tokenizer, paths.cache)
-    blocks, starts = pack(train_ids, cfg.max_length), pack(train_starts, cfg.max_length)
+    build = functools.partial(
+        tokenstore.build,
+        column=spec.dataset.text_column,
+        tokenizer=tokenizer,
+        cache=paths.cache,
+        shard_rows=cfg.shard_rows,
+    )
+    train_store = build(train_urls, accelerator=accelerator, what="training text")
+    val_store = build([validation_url], accelerator=accelerator, what="validation text")
+    blocks = tokenstore.StreamBlocks(train_store.stream, cfg.max_length)
     steps_per_epoch = len(blocks) // cfg.batch_size
     if steps_per_epoch == 0:
         raise MedclfError(
@@ -245,11 +254,11 @@ def load_blocks(spec: RunSpec, model_path: str, model_config: Any, accelerator: 
         cfg.mlm_probability,
         cfg.whole_word_masking,
     )
-    val_blocks, val_block_starts = pack(val_ids, cfg.max_length), pack(val_starts, cfg.max_length)
-    val_blocks, val_block_starts = val_blocks[: cfg.eval_blocks], val_block_starts[: cfg.eval_blocks]
-    if len(val_blocks) == 0:
+    val_blocks = tokenstore.StreamBlocks(val_store.stream, cfg.max_length)
+    n_val = min(len(val_blocks), cfg.eval_blocks if cfg.eval_blocks is not None else len(val_blocks))
+    if n_val == 0:
         raise MedclfError(f"{validation_url}: too little text for one block of mlm.max_length={cfg.max_length} tokens")
-    val_inputs, val_labels = masker.batch(val_blocks, val_block_starts, range(len(val_blocks)), cfg.eval_seed, epoch=-1)
+    val_inputs, val_labels = masker.batch(val_blocks, range(n_val), cfg.eval_seed, epoch=-1)
     log.info(
         "train: %d blocks of %d tokens, %d steps/epoch, %d steps; validation: %d blocks; "
         "%d process(es) × %d micro-batches",
@@ -257,11 +266,14 @@ def load_blocks(spec: RunSpec, model_path: str, model_config: Any, accelerator: 
         cfg.max_length,
         steps_per_epoch,
         total_steps,
-        len(val_blocks),
+        n_val,
         accelerator.num_processes,
         accumulation,
     )
-    return Blocks(tokenizer, blocks, starts, masker, val_inputs, val_labels, steps_per_epoch, total_steps)
+    tokenized = train_store.tokens_built + val_store.tokens_built
+    seconds = train_store.seconds + val_store.seconds
+    timing = {"tokens": tokenized, "seconds": seconds, "tokens_per_s": tokenized / seconds if tokenized else None}
+    return Blocks(tokenizer, blocks, masker, val_inputs, val_labels, steps_per_epoch, total_steps, timing)
 
 
 def build_training(cfg: Any, model_path: str, accelerator: Any, accumulation: int, total_steps: int) -> Training:
@@ -305,53 +317,65 @@ def run_settings(spec: RunSpec, blocks: Blocks) -> dict:
 
 def train(
     spec: RunSpec, t: Training, blocks: Blocks, state: TrainState, stop: runtime.StopSignal, saved_at: Optional[int]
-) -> None:
+) -> Optional[float]:
     """One global batch per step until total_steps; checkpoints on schedule, and stops (all ranks
-    agree) after a SIGTERM/SIGUSR1 with a checkpoint of the step reached."""
+    agree) after a SIGTERM/SIGUSR1 with a checkpoint of the step reached. DataLoader workers mask the
+    batches ahead of the steps that use them. Returns when (perf_counter) the first step was done."""
     cfg, accelerator, total_steps = spec.mlm, t.accelerator, blocks.total_steps
     progress = runtime.Progress(accelerator, total_steps, start=state.step, desc="mlm", unit="tokens")
     step_sleep = runtime.step_sleep()
+    plan = Plan(
+        spec.seed,
+        cfg.batch_size,
+        cfg.micro_batch_size,
+        blocks.steps_per_epoch,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
+    step_batches = StepBatches(blocks.train, blocks.masker, plan, state.step, total_steps)
+    first_step_at = None
     t.model.train()
-    while state.step < total_steps:
-        started = time.perf_counter()
-        step_loss, lr = train_step(t, blocks, cfg, spec.seed, state.step)
-        state.step += 1
-        state.train_seconds += time.perf_counter() - started
-        if state.first_step_loss is None:
-            state.first_step_loss = step_loss
-        log_step(t, blocks, cfg, state, progress, step_loss, lr)
-        if step_sleep:
-            time.sleep(step_sleep)
-        if state.step % cfg.checkpoint_every == 0 or state.step == total_steps:
-            save(spec, t, blocks, state)
-            saved_at = state.step
-        if state.step < total_steps and stop.requested(accelerator):
-            url = save(spec, t, blocks, state) if saved_at != state.step else None
-            url = url or checkpoint.step_url(layout.Run.of(spec).mlm_checkpoints, state.step)
-            progress.close()
-            raise Preempted(f"stopped at step {state.step}/{total_steps}; checkpoint {url}")
+    with step_loader(step_batches, cfg.loader_workers, accelerator.device.type == "cuda") as batches:
+        started = time.perf_counter()  # a step's time includes its wait for the batch: a starved step is slow
+        for batch in batches:
+            step_loss, lr = train_step(t, batch, cfg, state.step)
+            state.step += 1
+            state.train_seconds += time.perf_counter() - started
+            first_step_at = first_step_at or time.perf_counter()
+            if state.first_step_loss is None:
+                state.first_step_loss = step_loss
+            log_step(t, blocks, cfg, state, progress, step_loss, lr)
+            if step_sleep:
+                time.sleep(step_sleep)
+            if state.step % cfg.checkpoint_every == 0 or state.step == total_steps:
+                save(spec, t, blocks, state)
+                saved_at = state.step
+            if state.step < total_steps and stop.requested(accelerator):
+                url = save(spec, t, blocks, state) if saved_at != state.step else None
+                url = url or checkpoint.step_url(layout.Run.of(spec).mlm_checkpoints, state.step)
+                progress.close()
+                raise Preempted(f"stopped at step {state.step}/{total_steps}; checkpoint {url}")
+            started = time.perf_counter()
     progress.close()
     if saved_at != state.step:  # resumed from the final checkpoint: make sure it is there
         save(spec, t, blocks, state)
+    return first_step_at
 
 
-def train_step(t: Training, blocks: Blocks, cfg: Any, seed: int, step: int) -> tuple[float, float]:
-    """Forward and backward over this rank's micro-batches of global batch `step`, then one optimizer
-    and scheduler step; returns the batch's loss per masked token (all ranks) and the lr used."""
-    accelerator, world, rank = t.accelerator, t.accelerator.num_processes, t.accelerator.process_index
-    epoch, position = divmod(step, blocks.steps_per_epoch)
-    order = _epoch_order(len(blocks.train), seed, epoch)
-    indices = order[position * cfg.batch_size : (position + 1) * cfg.batch_size]
-    inputs, labels = blocks.masker.batch(blocks.train, blocks.starts, indices, seed, epoch)
-    masked = max(int((labels != IGNORE).sum()), 1)
+def train_step(t: Training, batch: tuple[torch.Tensor, torch.Tensor, int], cfg: Any, step: int) -> tuple[float, float]:
+    """Forward and backward over this rank's micro-batches of global batch `step` (its rows of the
+    batch, and the masked-token count of the whole global batch), then one optimizer and scheduler
+    step; returns the batch's loss per masked token (all ranks) and the lr used."""
+    accelerator, world = t.accelerator, t.accelerator.num_processes
+    inputs, labels, masked = batch
+    masked = max(int(masked), 1)
     # DDP averages gradients over ranks and backward() divides by the accumulation: undo both,
     # so the gradient is the global batch's mean loss over its masked tokens.
     scale = world * t.accumulation / masked
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     global_loss = 0.0
     for micro in range(t.accumulation):
-        first = (micro * world + rank) * cfg.micro_batch_size
-        rows = slice(first, first + cfg.micro_batch_size)
+        rows = slice(micro * cfg.micro_batch_size, (micro + 1) * cfg.micro_batch_size)
         with accelerator.accumulate(t.model):
             loss = t.model(inputs[rows].to(accelerator.device), labels[rows].to(accelerator.device))
             accelerator.backward(loss * scale)
@@ -391,12 +415,6 @@ def check_finite(t: Training, cfg: Any, loss_sum: torch.Tensor, step: int) -> fl
     return total
 
 
-@functools.lru_cache(maxsize=1)
-def _epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
-    """The epoch's block order, computed once per epoch (it depends only on seed and epoch)."""
-    return epoch_order(count, seed, epoch)
-
-
 def log_step(
     t: Training, blocks: Blocks, cfg: Any, state: TrainState, progress: runtime.Progress, loss: float, lr: float
 ) -> None:
@@ -431,7 +449,7 @@ def save(spec: RunSpec, t: Training, blocks: Blocks, state: TrainState) -> str:
     )
 
 
-def publish(spec: RunSpec, t: Training, blocks: Blocks, state: TrainState, val_after: dict) -> None:
+def publish(spec: RunSpec, t: Training, blocks: Blocks, state: TrainState, val_after: dict, startup: dict) -> None:
     """The adapted model (save_pretrained, manifest last) and metrics.json; main process only."""
     cfg, paths = spec.mlm, layout.Run.of(spec)
     with tempfile.TemporaryDirectory() as local:
@@ -457,6 +475,7 @@ def publish(spec: RunSpec, t: Training, blocks: Blocks, state: TrainState, val_a
             "val_after": val_after,
             "tokens_per_s": tokens / state.train_seconds if state.train_seconds else None,
             "train_seconds": state.train_seconds,
+            **startup,
             "history": state.history,
         },
     )
@@ -464,21 +483,6 @@ def publish(spec: RunSpec, t: Training, blocks: Blocks, state: TrainState, val_a
 
 def _loss_ppl(val: dict) -> tuple[float, float]:
     return val["loss"], val["perplexity"]
-
-
-def _texts(urls: list[str], columns: DatasetSpec) -> list[str]:
-    """The texts (column dataset.text_column) of the CSVs, each distinct note once (MTSamples lists many
-    under two specialties).
-
-    An empty text is refused by row, as in every job: it means the file is not what it should be.
-    """
-    texts: list[str] = []
-    column = columns.text_column
-    for url in urls:
-        df = data.read_table(url, [column], columns)
-        data.check_texts(df, url, column)
-        texts += df[column].tolist()
-    return list(dict.fromkeys(texts))
 
 
 def evaluate(t: Training, blocks: Blocks, micro_batch: int) -> dict:

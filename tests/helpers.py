@@ -4,6 +4,7 @@ from here, never from each other."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import pathlib
@@ -11,6 +12,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+from typing import Any, Callable, Optional
 
 import pandas as pd
 import pytest
@@ -28,6 +31,49 @@ TINY_MLM_ARGS = [
     "eval_blocks=8",
     "keep_last=10",
 ]
+
+
+@dataclasses.dataclass
+class Ranks:
+    """What the token store asks of an accelerator: rank `process_index` of `num_processes`, each
+    rank a thread of this process meeting the others at `barrier` (none: a single rank)."""
+
+    process_index: int = 0
+    num_processes: int = 1
+    barrier: Optional[threading.Barrier] = None
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.process_index == 0
+
+    def wait_for_everyone(self) -> None:
+        if self.barrier is not None:
+            self.barrier.wait(timeout=120)
+
+
+def as_ranks(world: int, job: Callable[[Ranks], Any]) -> Any:
+    """`job` run by `world` ranks at once (threads meeting at a barrier); returns the main rank's result,
+    or raises the first error a rank raised."""
+    barrier = threading.Barrier(world)
+    results: dict[int, Any] = {}
+    errors: list[BaseException] = []
+
+    def rank(index: int) -> None:
+        try:
+            results[index] = job(Ranks(index, world, barrier))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            errors.append(e)
+            barrier.abort()  # the other ranks stop waiting
+
+    threads = [threading.Thread(target=rank, args=(index,)) for index in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    errors.sort(key=lambda e: isinstance(e, threading.BrokenBarrierError))  # the cause first
+    if errors:
+        raise errors[0]
+    return results[0]
 
 
 # ---------------------------------------------------------------- run folders

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import subprocess
+import sys
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -31,3 +33,27 @@ def test_gpu_script_runs_on_cpu_and_prints_the_figures():
     summary = lines[-1]
     for part in ("model FLOP/s", "MFU", "matmul peak", "of 989 T", "ratio to stock"):
         assert part in summary, (part, summary)
+
+
+def test_batch_preparation_benchmark_runs_and_prints_its_ratios():
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "mlm_batch_prep.py"),
+            "--notes",
+            "60",
+            "--steps",
+            "4",
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.splitlines()[-1])
+    assert figures["benchmark"] == "mlm_batch_prep" and figures["steps"] == 4
+    for run in ("in_process", "1_workers", "rank_of_2_1_workers"):
+        assert figures[run]["tokens_per_s"] > 0 and figures[run]["vs_gpu"] > 0, run

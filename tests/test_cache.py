@@ -1,6 +1,7 @@
-"""The token cache (masked-LM) and the feature cache (head, evaluate, compare) are verified on use:
-each file carries the SHA-256 of its tensors, and a truncated or altered one is rebuilt with a
-warning, never used. The feature cache's key covers every setting that changes the vectors."""
+"""The feature cache (head, evaluate, compare) is verified on use: each file carries the SHA-256 of
+its tensors, and a truncated or altered one is rebuilt with a warning, never used. The feature
+cache's key covers every setting that changes the vectors. (The masked-LM token store's shards:
+tests/test_tokenstore.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from medclf import classifier, features, masking, runtime
+from medclf import classifier, features, runtime
 
 
 def truncate(path: Path) -> None:
@@ -28,24 +29,6 @@ def flip_a_byte(path: Path) -> None:
 @pytest.fixture(scope="module")
 def notes(mtsamples) -> list[str]:
     return pd.read_csv(mtsamples)["transcription"].dropna().tolist()[:6]
-
-
-@pytest.mark.parametrize("damage", [truncate, flip_a_byte])
-def test_a_damaged_token_cache_is_rebuilt_with_a_warning(damage, notes, tiny_bert, tmp_path, caplog):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
-    ids, starts = masking.token_stream(notes, tokenizer, str(tmp_path))
-    (path,) = tmp_path.glob("mlm-tokens-*.safetensors")
-    damage(path)
-    with caplog.at_level(logging.INFO, logger="medclf"):
-        again = masking.token_stream(notes, tokenizer, str(tmp_path))
-    assert "damaged token cache" in caplog.text and "tokenized 6 texts" in caplog.text
-    assert torch.equal(again[0], ids) and torch.equal(again[1], starts)
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="medclf"):
-        masking.token_stream(notes, tokenizer, str(tmp_path))  # the rebuilt file is used as is
-    assert "tokenized" not in caplog.text and "damaged" not in caplog.text
 
 
 @pytest.mark.parametrize("damage", [truncate, flip_a_byte])

@@ -12,15 +12,19 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from medclf import checkpoint, cli, config, mlm
+from medclf import checkpoint, cli, config, mlm, tokenstore
 from medclf.errors import EXIT_DIVERGED, EXIT_PREEMPTED, MedclfError
-from medclf.masking import IGNORE, Masker, epoch_order, pack, token_stream
+from medclf.masking import IGNORE, Masker, epoch_order
+from medclf.tokenstore import StreamBlocks
 from tests.helpers import (
     REPO,
     TINY_MLM_ARGS,
+    Ranks,
     assert_same_weights,
     make_mlm_run,
     make_tiny_distilbert,
@@ -151,18 +155,25 @@ def test_whole_word_masking_takes_every_piece_of_a_word():
     assert torch.equal(by_word.all(dim=1), by_word.any(dim=1))
 
 
-def test_tokens_are_cached_and_packed_without_padding(tiny_bert, tmp_path):
+def test_tokens_are_stored_once_and_packed_without_padding(tiny_bert, tmp_path, caplog):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     texts = ["the patient was seen today for knee pain", "no acute distress noted on exam"]
-    ids, starts = token_stream(texts, tokenizer, str(tmp_path / "cache"))
-    assert len(list((tmp_path / "cache").iterdir())) == 1
-    again, _ = token_stream(texts, tokenizer, str(tmp_path / "cache"))
-    assert torch.equal(ids, again)
+    csv = tmp_path / "notes.csv"
+    pd.DataFrame({"transcription": texts}).to_csv(csv, index=False)
+    built = tokenstore.build([str(csv)], "transcription", tokenizer, str(tmp_path / "cache"), 8, Ranks())
+    assert len(list((tmp_path / "cache").iterdir())) == 1 and built.tokens_built > 0
+    with caplog.at_level(logging.INFO, logger="medclf"):
+        again = tokenstore.build([str(csv)], "transcription", tokenizer, str(tmp_path / "cache"), 8, Ranks())
+    assert again.tokens_built == 0 and "tokenized" not in caplog.text
+    ids, _ = again.stream.tokens(0, len(again.stream))
+    assert torch.equal(torch.from_numpy(ids), torch.from_numpy(built.stream.tokens(0, len(built.stream))[0]))
     assert ids[0] == tokenizer.cls_token_id and (ids == tokenizer.sep_token_id).sum() == 2
-    blocks = pack(ids, 8)
-    assert blocks.shape == (len(ids) // 8, 8) and torch.equal(blocks.flatten(), ids[: blocks.numel()])
+    blocks = StreamBlocks(again.stream, 8)
+    assert len(blocks) == len(ids) // 8 and np.array_equal(
+        np.concatenate([blocks[i][0] for i in range(len(blocks))]), ids[: len(blocks) * 8]
+    )
     assert sorted(epoch_order(10, 0, 0)) == list(range(10))
     assert list(epoch_order(10, 0, 0)) != list(epoch_order(10, 0, 1))
 

@@ -36,7 +36,8 @@ def without_dropout(tiny_bert, folder):
 def test_two_ranks_match_one_process(tiny_bert, mtsamples, tmp_path):
     model = without_dropout(tiny_bert, tmp_path / "model")
     # micro-batch 2: one process accumulates 4 micro-batches per step, each of two ranks 2.
-    args = ["micro_batch_size=2", "max_steps=4", "checkpoint_every=2"]
+    # shard_rows=1: each rank tokenizes its own shards (of the 4 training notes) into the store both read.
+    args = ["micro_batch_size=2", "max_steps=4", "checkpoint_every=2", "shard_rows=1"]
     one, two = make_mlm_run(tmp_path / "one", mtsamples), make_mlm_run(tmp_path / "two", mtsamples)
     command = [
         sys.executable,
@@ -69,6 +70,11 @@ def test_two_ranks_match_one_process(tiny_bert, mtsamples, tmp_path):
     m1 = json.loads((one / "mlm" / "metrics.json").read_text())
     m2 = json.loads((two / "mlm" / "metrics.json").read_text())
     assert (m1["world_size"], m2["world_size"]) == (1, 2)
+    # The token stores are the same files, byte for byte, tokenized by one process or by two.
+    stores = [
+        {str(p.relative_to(out)): p.read_bytes() for p in (out / "cache").glob("tokens-*/*.npy")} for out in (one, two)
+    ]
+    assert stores[0] == stores[1] and len(stores[0]) == 2 * (4 + 2)  # 4 training shards, 2 validation
     assert abs(m1["first_step_loss"] - m2["first_step_loss"]) < 1e-5
     # Fixed evaluation masks: the same validation loss on one rank and on two.
     assert abs(m1["val_before"]["loss"] - m2["val_before"]["loss"]) < 1e-6
