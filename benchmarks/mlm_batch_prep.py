@@ -8,7 +8,7 @@ BERT-uncased vocabulary) and cut into blocks of 512 tokens; then the mlm job's s
 (medclf/masking.py: StepBatches, a pure function of seed, epoch and step) are built for `--steps`
 optimizer steps of `--batch` blocks: in this process (0 workers), then through `step_loader`
 with `--workers` DataLoader workers, as `medclf mlm` reads them, and as one of 2 ranks (its rows
-masked, the other rank's only counted). Throughput is masked tokens per second of wall time,
+masked). Throughput is masked tokens per second of wall time,
 start-up of the workers included, against the rate a GPU consumes bert-base at 512 tokens
 (`--gpu-rate`, default 400,000 tokens/s): the ratio should be at least 10. Prints one JSON line.
 """
@@ -89,8 +89,8 @@ def main() -> None:
         "gpu_rate_tokens_per_s": args.gpu_rate,
     }
     for name, (world, seconds) in runs.items():
-        # What one rank feeds its GPU: its share of each global batch (a rank of 2 masks half the rows
-        # and only counts the masked tokens of the other half).
+        # What one rank feeds its GPU: its share of each global batch (a rank of 2 masks half the rows;
+        # the training step sums the ranks' masked counts in one reduction).
         rate = args.steps * args.batch // world * args.max_length / seconds
         figures[name] = {
             "seconds": round(seconds, 3),

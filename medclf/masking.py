@@ -74,10 +74,6 @@ class Masker:
         inputs[swap] = random_tokens[swap]
         return torch.from_numpy(inputs), torch.from_numpy(labels)
 
-    def count(self, ids: Any, word_start: Any, seed: int, epoch: int, index: int) -> int:
-        """How many tokens `block` would mask (its labels that are not IGNORE), without building them."""
-        return int(self._selected(ids, word_start, seed, epoch, index)[2].sum())
-
     def batch(self, blocks: Any, indices, seed: int, epoch: int):
         """Inputs and labels of the blocks `indices`, stacked; blocks[i] is (ids, word starts) of block i."""
         pairs = []
@@ -122,7 +118,8 @@ class Plan:
 
 class StepBatches(torch.utils.data.Dataset):
     """Item i: the batch of step `first + i` for this process: (inputs, labels) of its rows, masked, and
-    the number of masked tokens in the whole global batch (every rank's loss is divided by it)."""
+    their number of masked tokens (the training step sums it over the ranks: every rank's loss is
+    divided by the whole global batch's count)."""
 
     def __init__(self, blocks: Any, masker: Masker, plan: Plan, first: int, total: int):
         self.blocks, self.masker, self.plan = blocks, masker, plan
@@ -138,11 +135,7 @@ class StepBatches(torch.utils.data.Dataset):
         indices = order[position * plan.batch_size : (position + 1) * plan.batch_size]
         rows = plan.rows()
         inputs, labels = masker.batch(self.blocks, indices[rows], plan.seed, epoch)
-        masked = int((labels != IGNORE).sum())
-        for block in map(int, np.delete(indices, rows)):  # the other ranks' blocks: only their count matters
-            ids, starts = self.blocks[block]
-            masked += masker.count(ids, starts, plan.seed, epoch, block)
-        return inputs, labels, masked
+        return inputs, labels, int((labels != IGNORE).sum())
 
 
 @contextlib.contextmanager

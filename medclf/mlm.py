@@ -364,11 +364,15 @@ def train(
 
 def train_step(t: Training, batch: tuple[torch.Tensor, torch.Tensor, int], cfg: Any, step: int) -> tuple[float, float]:
     """Forward and backward over this rank's micro-batches of global batch `step` (its rows of the
-    batch, and the masked-token count of the whole global batch), then one optimizer and scheduler
-    step; returns the batch's loss per masked token (all ranks) and the lr used."""
+    batch and their masked-token count), then one optimizer and scheduler step; returns the batch's
+    loss per masked token (all ranks) and the lr used."""
     accelerator, world = t.accelerator, t.accelerator.num_processes
-    inputs, labels, masked = batch
-    masked = max(int(masked), 1)
+    inputs, labels, masked_here = batch
+    masked = masked_here
+    if world > 1:  # the whole global batch's count: one small reduction, not every rank masking every row
+        count = torch.tensor([masked_here], dtype=torch.int64, device=accelerator.device)
+        masked = int(accelerator.reduce(count, reduction="sum").item())
+    masked = max(masked, 1)
     # DDP averages gradients over ranks and backward() divides by the accumulation: undo both,
     # so the gradient is the global batch's mean loss over its masked tokens.
     scale = world * t.accumulation / masked
