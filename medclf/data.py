@@ -65,36 +65,45 @@ def check_columns(url: str, present: list[str], columns: list[str], named_by: Op
     """One line naming each missing column, with the spec key that names it, and the columns present."""
     keys: dict[str, str] = {}
     if named_by is not None:
-        keys = {named_by.text_column: "dataset.text_column", named_by.label_column: "dataset.label_column"}
+        keys = {named_by.label_column: "dataset.label_column", named_by.text_column: "dataset.text_column"}
     missing = [f"{c} ({keys[c]})" if c in keys else c for c in columns if c not in present]
     if missing:
         raise MedclfError(f"{url}: missing column(s) {', '.join(missing)}; columns present: {', '.join(present)}")
 
 
 def read_text_chunks(url: str, column: str, chunk_rows: int) -> Iterator[list[str]]:
-    """The values of `column`, `chunk_rows` rows at a time, of a CSV of any size (plain or compressed).
-
-    Checked record by record as `check_structure` says (memory stays one chunk), with the same
-    one-line errors as `read_table`."""
-    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # a long note is not a broken file
+    """The values of `column` (the text column, dataset.text_column), `chunk_rows` rows at a time, of a
+    CSV of any size (plain or compressed), checked as `record_chunks` says."""
     with storage.open_read(url, "rb", compression="infer") as source:
-        lines = io.TextIOWrapper(source, encoding="utf-8-sig", newline="")
-        try:
-            records = checked_records(lines, url)
-            header = next(records, None)
-            if header is None:
-                raise MedclfError(f"{url}: file is empty")
-            if column not in header:  # as check_columns words it; mlm's text column is dataset.text_column
-                raise MedclfError(
-                    f"{url}: missing column(s) {column} (dataset.text_column); columns present: {', '.join(header)}"
-                )
-            at = header.index(column)
-            for chunk in iter(lambda: list(itertools.islice(records, chunk_rows)), []):
-                yield [record[at] for record in chunk]
-        except UnicodeDecodeError as e:
-            raise MedclfError(f"{url}: not UTF-8 (bad byte 0x{e.object[e.start]:02x})") from None
-        except (lzma.LZMAError, EOFError) as e:
-            raise MedclfError(f"{url}: cannot decompress ({storage.describe_error(e)})") from None
+        for names, records in record_chunks(source, url, [column], DatasetSpec(text_column=column), chunk_rows):
+            at = names.index(column)
+            yield [record[at] for record in records]
+
+
+def record_chunks(
+    source, url: str, columns: list[str], named_by: Optional[DatasetSpec], chunk_rows: int
+) -> Iterator[tuple[list[str], list[list[str]]]]:
+    """(column names, up to `chunk_rows` records) at a time, of the binary CSV stream `source`.
+
+    Checked as every job's input is (`checked_records`: broken quoting, a repeated column name, a
+    record of the wrong width, NUL bytes, bare carriage returns) record by record, so memory stays
+    one chunk however long the file is; `columns` missing are named as `check_columns` says. An
+    unnamed first column is "Unnamed: 0", as pandas names it."""
+    lines = io.TextIOWrapper(source, encoding="utf-8-sig", newline="")
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # a long note is not a broken file
+    try:
+        records = checked_records(lines, url)
+        header = next(records, None)
+        if header is None:
+            raise MedclfError(f"{url}: file is empty")
+        names = ["Unnamed: 0" if i == 0 and name == "" else name for i, name in enumerate(header)]
+        check_columns(url, names, columns, named_by)
+        for chunk in iter(lambda: list(itertools.islice(records, chunk_rows)), []):
+            yield names, chunk
+    except UnicodeDecodeError as e:
+        raise MedclfError(f"{url}: not UTF-8 (bad byte 0x{e.object[e.start]:02x})") from None
+    except (lzma.LZMAError, EOFError) as e:
+        raise MedclfError(f"{url}: cannot decompress ({storage.describe_error(e)})") from None
 
 
 def check_structure(text: str, url: str) -> int:

@@ -15,11 +15,9 @@ column dataset.text_column (bare `--text_column NAME` on the command line).
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import itertools
 import logging
 import time
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -81,23 +79,8 @@ def run(spec: RunSpec) -> None:
     log.info("wrote %s: %d rows", cfg.output, rows)
 
 
-def _chunks(source, url: str, columns: DatasetSpec, chunk_rows: int):
-    """DataFrames of at most chunk_rows rows, all values as text; a missing text column names the file,
-    the key (dataset.text_column) and the columns present.
-
-    The CSV is checked as every job's input is (data.checked_records: broken quoting, a repeated
-    column name, a record of the wrong width, NUL bytes, bare carriage returns), record by record,
-    so memory stays one chunk however long the file is."""
-    lines = io.TextIOWrapper(source, encoding="utf-8-sig", newline="")
-    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # a long note is not a broken file
-    try:
-        records = data.checked_records(lines, url)
-        header = next(records, None)
-        if header is None:
-            raise MedclfError(f"{url}: file is empty")
-        names = ["Unnamed: 0" if i == 0 and name == "" else name for i, name in enumerate(header)]
-        data.check_columns(url, names, [columns.text_column], columns)
-        for chunk in iter(lambda: list(itertools.islice(records, chunk_rows)), []):
-            yield pd.DataFrame(chunk, columns=names, dtype=str)
-    except UnicodeDecodeError as e:
-        raise MedclfError(f"{url}: not UTF-8 (bad byte 0x{e.object[e.start]:02x})") from None
+def _chunks(source, url: str, columns: DatasetSpec, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """DataFrames of at most chunk_rows rows, all values as text, read and checked as every job's
+    input is (data.record_chunks); a missing text column names the file, its key and the columns present."""
+    for names, records in data.record_chunks(source, url, [columns.text_column], columns, chunk_rows):
+        yield pd.DataFrame(records, columns=names, dtype=str)
