@@ -62,7 +62,6 @@ RESUME_KEYS = (
     "eval_seed",
     "eval_blocks",
 )
-STEP_SLEEP_ENV = runtime.STEP_SLEEP_ENV  # the test hook: seconds to sleep after every step
 
 
 class MaskedLM(torch.nn.Module):

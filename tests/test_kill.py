@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 from medclf import checkpoint, cli, config, manifest, mlm
 from medclf.manifest import PAUSE_ENV
-from medclf.mlm import STEP_SLEEP_ENV
+from medclf.runtime import STEP_SLEEP_ENV
 from medclf.storage import PAUSE_AFTER_ENV
 from tests.helpers import REPO, kill_when_seen, make_classifier, make_mlm_run, make_small_run, tree
 
