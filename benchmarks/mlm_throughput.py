@@ -7,7 +7,9 @@
 Stock recipe (the original experiment's way): each note tokenized on its own, truncated and padded
 to 512, 15% masked by `DataCollatorForLanguageModeling`, `BertForMaskedLM(..., labels=...)` which
 projects all 512 positions onto the whole vocabulary. Ours (medclf.mlm): notes packed into full
-blocks, seeded masks, only masked positions projected. Both do forward, backward and an AdamW
+blocks, seeded masks, only masked positions projected, and `medclf mlm`'s attention dropout
+(`mlm.attention_dropout`, default 0: sdpa's fused kernel) where the stock recipe keeps the model's
+own (0.1); `--attention-dropout model` gives ours the model's too. Both do forward, backward and an AdamW
 step; only real (non-padding) tokens count. Steps alternate (ours, stock, ours, ...) so a noisy
 neighbour slows both alike; medians and bests over steps are reported. Also measures this
 machine's matmul peak with one large torch matmul, and the share of it our loop reaches in model
@@ -41,6 +43,7 @@ from transformers import (
 )
 
 from medclf import models, tokenstore
+from medclf.config import MlmSpec
 from medclf.masking import IGNORE, Masker, pack
 from medclf.mlm import MaskedLM, adamw
 
@@ -99,6 +102,11 @@ def main() -> None:
     )
     parser.add_argument("--layers", type=int, default=None, help="with --config bert-base: fewer layers (smoke tests)")
     parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, ...)")
+    parser.add_argument(
+        "--attention-dropout",
+        default=str(MlmSpec().attention_dropout),
+        help="our loop's attention dropout (default: medclf mlm's); 'model': the model's own, as the stock recipe",
+    )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is present")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder (both loops)")
     parser.add_argument("--profile", action="store_true", help="also print our step's top operators (torch.profiler)")
@@ -133,6 +141,20 @@ def main() -> None:
     if args.compile:  # in place, so both loops run the compiled encoder; compiling happens in the untimed step
         model.base_model.compile(dynamic=False)
     config = model.config
+    # Attention dropout is read from these modules at every forward pass: each loop sets its own.
+    attention_dropouts = [
+        m.dropout
+        for m in model.modules()
+        if hasattr(m, "attention_head_size") and isinstance(m.dropout, torch.nn.Dropout)
+    ]
+    own_dropout = config.attention_probs_dropout_prob
+    if not attention_dropouts:
+        raise SystemExit(f"mlm_throughput: no attention dropout modules found in {type(model).__name__}")
+    ours_dropout = own_dropout if args.attention_dropout == "model" else float(args.attention_dropout)
+
+    def set_attention_dropout(p: float) -> None:
+        for module in attention_dropouts:
+            module.p = p
 
     # ours: packed blocks, seeded masks, masked-only projection
     blocks = list(zip(pack(ids, args.max_length), pack(starts, args.max_length), strict=True))  # (ids, starts)
@@ -147,6 +169,7 @@ def main() -> None:
         rows = [(k * args.batch + j) % len(blocks) for j in range(args.batch)]
         inputs, labels = masker.batch(blocks, rows, seed=0, epoch=0)
         masked = int((labels != IGNORE).sum())
+        set_attention_dropout(ours_dropout)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
             loss = ours(inputs.to(device), labels.to(device)) / masked
         loss.backward()
@@ -160,6 +183,7 @@ def main() -> None:
             [{"input_ids": encoded["input_ids"][r], "attention_mask": encoded["attention_mask"][r]} for r in rows]
         )
         batch = {key: value.to(device) for key, value in batch.items()}
+        set_attention_dropout(own_dropout)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
             loss = model(**batch).loss
         loss.backward()
@@ -206,6 +230,8 @@ def main() -> None:
         "tokens": args.tokens,
         "attention": config._attn_implementation,
         "compiled": args.compile,
+        "ours_attention_dropout": ours_dropout,
+        "stock_attention_dropout": own_dropout,
         "device": torch.cuda.get_device_name() if device == "cuda" else device,
         "threads": torch.get_num_threads(),
         "dtype": str(dtype),

@@ -75,6 +75,7 @@ KEYS = {
         "mlm.max_length",
         "mlm.mlm_probability",
         "mlm.whole_word_masking",
+        "mlm.attention_dropout",
         "mlm.epochs",
         "mlm.max_steps",
         "mlm.batch_size",
@@ -96,6 +97,8 @@ KEYS = {
 # Keys that moved since a record was written: the old key's value, where a record holds it, stands
 # for the new one (before dataset.*, mlm and predict each had their own text_column).
 MOVED = {"dataset.text_column": ["mlm.text_column", "predict.text_column"]}
+# Keys added later whose default is not what records without them were made with: the value they had.
+BEFORE_ADDED = {"mlm.attention_dropout": None}  # before it: the checkpoint's own attention dropout
 
 
 def keys(job: str, spec: RunSpec) -> dict[str, Any]:
@@ -249,9 +252,12 @@ def _read(url: str) -> Optional[dict]:
 
 
 def _earlier(old_keys: dict, key: str) -> Any:
-    """A key the record does not hold: the value of the key it moved from, else (a key added later) its default."""
+    """A key the record does not hold: the value of the key it moved from, else (a key added later) the
+    value runs had before it was added: its default, or BEFORE_ADDED's."""
     moved = [old_keys[k] for k in MOVED.get(key, []) if k in old_keys]
-    return moved[0] if moved else _default(key)
+    if moved:
+        return moved[0]
+    return BEFORE_ADDED[key] if key in BEFORE_ADDED else _default(key)
 
 
 def _default(key: str) -> Any:

@@ -51,6 +51,7 @@ RESUME_KEYS = (
     "max_length",
     "mlm_probability",
     "whole_word_masking",
+    "attention_dropout",
     "batch_size",
     "lr",
     "weight_decay",
@@ -133,6 +134,7 @@ class Training:
     optimizer: Any
     scheduler: Any
     accumulation: int
+    published_config: dict = field(default_factory=dict)  # config fields the saved model gets back
 
     @property
     def raw(self) -> MaskedLM:
@@ -154,7 +156,7 @@ def _run(spec: RunSpec, stop: runtime.StopSignal) -> None:
         return
     resume_url = choose_resume(spec, accelerator)
     blocks = load_blocks(spec, model_path, model_config, accelerator, accumulation)
-    t = build_training(cfg, model_path, accelerator, accumulation, blocks.total_steps)
+    t = build_training(cfg, model_path, model_config, accelerator, accumulation, blocks.total_steps)
     state = resume(spec, t, blocks, resume_url)
     if cfg.report_to != "none":
         accelerator.init_trackers("medclf-mlm", config=_flat(config.to_dict(spec)))
@@ -188,7 +190,28 @@ def check_inputs(spec: RunSpec) -> tuple[str, Any]:
     limit = model_config.max_position_embeddings - offset
     if cfg.max_length > limit:
         raise MedclfError(f"mlm.max_length: {cfg.max_length} is above what {cfg.model} accepts ({limit} positions)")
+    attention_dropout_key(model_config, cfg)
     return model_path, model_config
+
+
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")  # BERT, RoBERTa, ...; DistilBERT
+
+
+def attention_dropout_key(model_config: Any, cfg: Any) -> Optional[str]:
+    """The model config's attention-dropout field that mlm.attention_dropout sets (None: left as it is).
+
+    Why 0 by default: with dropout on the attention probabilities, sdpa on CPU leaves its fused
+    kernel for the math path and draws a mask over batch × heads × length² entries; at 512 tokens
+    that is 60% of a MiniLM step. On the dev fold, adapting without it did as well (README)."""
+    if cfg.attention_dropout is None:
+        return None
+    for name in ATTENTION_DROPOUT_KEYS:
+        if hasattr(model_config, name):
+            return name
+    raise MedclfError(
+        f"mlm.attention_dropout: {cfg.model} ({model_config.model_type}) has no attention dropout to set "
+        f"(none of {', '.join(ATTENTION_DROPOUT_KEYS)}); set it to null"
+    )
 
 
 def job_record(spec: RunSpec) -> jobrecord.Record:
@@ -275,10 +298,15 @@ def load_blocks(spec: RunSpec, model_path: str, model_config: Any, accelerator: 
     return Blocks(tokenizer, blocks, masker, val_inputs, val_labels, steps_per_epoch, total_steps, timing)
 
 
-def build_training(cfg: Any, model_path: str, accelerator: Any, accumulation: int, total_steps: int) -> Training:
-    """The model (a checkpoint without masked-LM head weights, like MiniLM, gets a fresh head),
-    AdamW without decay on biases and LayerNorm weights (the 1-d parameters), and the schedule."""
-    hf_model, loading = AutoModelForMaskedLM.from_pretrained(model_path, output_loading_info=True)
+def build_training(
+    cfg: Any, model_path: str, model_config: Any, accelerator: Any, accumulation: int, total_steps: int
+) -> Training:
+    """The model (a checkpoint without masked-LM head weights, like MiniLM, gets a fresh head; attention
+    dropout as mlm.attention_dropout says), AdamW without decay on biases and LayerNorm weights (the
+    1-d parameters), and the schedule."""
+    key = attention_dropout_key(model_config, cfg)
+    override = {key: cfg.attention_dropout} if key else {}
+    hf_model, loading = AutoModelForMaskedLM.from_pretrained(model_path, output_loading_info=True, **override)
     if loading["missing_keys"]:
         log.warning(
             "%s has no masked-LM head weights; initialised %d tensors (%s)",
@@ -291,7 +319,10 @@ def build_training(cfg: Any, model_path: str, accelerator: Any, accumulation: in
     scheduler = warmup_then_decay(optimizer, cfg.warmup_ratio, total_steps)
     # The scheduler stays unprepared: Accelerate would step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
-    return Training(accelerator, model, optimizer, scheduler, accumulation)
+    # The published model keeps the checkpoint's own setting: a training choice of the adaptation
+    # must not change how the adapted encoder is fine-tuned later.
+    published_config = {key: getattr(model_config, key)} if key else {}
+    return Training(accelerator, model, optimizer, scheduler, accumulation, published_config)
 
 
 def resume(spec: RunSpec, t: Training, blocks: Blocks, resume_url: Optional[str]) -> TrainState:
@@ -455,6 +486,7 @@ def save(spec: RunSpec, t: Training, blocks: Blocks, state: TrainState) -> str:
 def publish(spec: RunSpec, t: Training, blocks: Blocks, state: TrainState, val_after: dict, startup: dict) -> None:
     """The adapted model (save_pretrained, manifest last) and metrics.json; main process only."""
     cfg, paths = spec.mlm, layout.Run.of(spec)
+    t.raw.model.config.update(t.published_config)  # the modules keep the values they were built with
     with tempfile.TemporaryDirectory() as local:
         t.raw.model.save_pretrained(local)
         blocks.tokenizer.save_pretrained(local)

@@ -109,6 +109,10 @@ def test_resolved_spec_round_trips_through_yaml():
         (["mlm.max_steps=0"], "mlm.max_steps: must be at least 1"),
         (["mlm.keep_last=0"], "mlm.keep_last: must be at least 1, got 0"),
         (["mlm.mlm_probability=1.5"], "mlm.mlm_probability: must be between 0 and 1, got 1.5"),
+        (
+            ["mlm.attention_dropout=1"],
+            "mlm.attention_dropout: must be at least 0 and below 1 (null: keep the model's), got 1",
+        ),
         (["storage.block_size_mib=4"], "storage.block_size_mib: S3 parts are at least 5 MiB, got 4"),
     ],
 )

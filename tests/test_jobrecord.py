@@ -42,6 +42,13 @@ def test_a_moved_key_compares_with_the_value_its_old_key_recorded():
     assert jobrecord.differences({"keys": {"mlm.text_column": "transcription"}}, _record(DEFAULT_COLUMNS, {})) == []
 
 
+def test_a_key_added_later_compares_with_what_runs_did_before_it():
+    # Before mlm.attention_dropout (default 0) an adaptation kept the checkpoint's own: null, not 0.
+    record = _record({"mlm.attention_dropout": 0.0}, {})
+    assert jobrecord.differences({"keys": {}, "inputs": {}}, record) == ["mlm.attention_dropout: null there, 0.0 now"]
+    assert jobrecord.differences({"keys": {}, "inputs": {}}, _record({"mlm.attention_dropout": None}, {})) == []
+
+
 DEFAULT_COLUMNS = {"dataset.text_column": "transcription", "dataset.label_column": "medical_specialty"}
 
 

@@ -238,6 +238,32 @@ def test_the_adapted_model_loads_and_the_output_is_not_replaced(tiny_bert, mtsam
     assert checkpoint.list_steps(str(out / "mlm" / "checkpoints")) == [2]
 
 
+def test_attention_dropout_is_set_while_adapting_and_the_published_model_keeps_its_own(
+    tiny_bert, mtsamples, tmp_path, monkeypatch
+):
+    built = []
+    real_build = mlm.build_training
+
+    def recording_build(*args, **kwargs):
+        t = real_build(*args, **kwargs)
+        built.append({m.dropout.p for m in t.raw.modules() if type(m).__name__ == "BertSelfAttention"})
+        return t
+
+    monkeypatch.setattr(mlm, "build_training", recording_build)
+    own = json.loads((tiny_bert / "config.json").read_text())["attention_probs_dropout_prob"]
+    assert own == 0.1
+    out = make_mlm_run(tmp_path / "run", mtsamples)
+    mlm.run(mlm_spec(out, tiny_bert, "max_steps=1"))  # the default: none
+    assert built == [{0.0}]
+    assert json.loads((out / "mlm/model/config.json").read_text())["attention_probs_dropout_prob"] == own
+    with pytest.raises(MedclfError, match=r"mlm.attention_dropout: 0.0 there, null now; overwrite=true starts mlm"):
+        mlm.run(mlm_spec(out, tiny_bert, "max_steps=1", "attention_dropout=null"))
+    mlm.run(mlm_spec(out, tiny_bert, "max_steps=1", "attention_dropout=null", "overwrite=true"))  # the checkpoint's
+    mlm.run(mlm_spec(out, tiny_bert, "max_steps=1", "attention_dropout=0.2", "overwrite=true"))
+    assert built[1:] == [{own}, {0.2}]
+    assert json.loads((out / "mlm/model/config.json").read_text())["attention_probs_dropout_prob"] == own
+
+
 def test_inputs_are_checked_before_training(tiny_bert, mtsamples, tmp_path):
     out = make_mlm_run(tmp_path / "run", mtsamples)
     with pytest.raises(MedclfError, match=r"mlm\.max_length: 256 is above"):
