@@ -15,6 +15,11 @@ saving included), so real tokens/s is what a user gets. Start-up is read from th
 process prints a line per optimizer step, and the time to the first one less one steady step is
 the start-up; it should be under 10% of the run for the figures to mean steady training.
 
+Each allocator's round also runs the model-step benchmark (benchmarks/mlm_throughput.py, same model,
+length and batch) just before the jobs, for the loop's share of the step: the job's steady real
+tokens/s (its step lines after the first; and the median of its logged per-step rates) over the
+step's.
+
 medclf runs twice: as it comes (`mlm.attention_dropout` 0, chosen on a dev fold: README), and with
 the model's own attention dropout (0.1), as the recipe has it; both ratios are reported.
 
@@ -52,6 +57,7 @@ TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4"
 ALLOCATORS = ("default", "tunables", "tcmalloc")
 PROGRAMS = ("medclf", "medclf-model-dropout", "trainer")  # run in this order, interleaved per allocator
 STEP_LINE = re.compile(r"\bstep (\d+)/(\d+)\b")
+LOGGED_RATE = re.compile(r"\bstep \d+/\d+ .*? tokens/s ([\d.]+)")  # medclf's log lines (their own window)
 
 
 def default_model() -> str:
@@ -214,6 +220,18 @@ def commands(args, work, notes, validation, steps, tag) -> dict[str, list[str]]:
     }
 
 
+def model_step(args, work: pathlib.Path, tag: str, env: dict[str, str]) -> float:
+    """Our model step's real tokens/s (medclf mlm's attention dropout), from benchmarks/mlm_throughput.py."""
+    output = work / f"model-step-{tag}.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "mlm_throughput.py"), "--model", args.model]
+    cmd += ["--max-length", str(args.max_length), "--batch", str(args.batch), "--steps", str(args.step_steps)]
+    with open(work / f"model-step-{tag}.log", "wb") as log:
+        subprocess.run(
+            cmd + ["--output", str(output)], env=env, stdout=log, stderr=subprocess.STDOUT, check=True, cwd=REPO
+        )
+    return json.loads(output.read_text())["ours_tokens_per_s"]
+
+
 def chosen_allocators(value: str) -> tuple[list[str], list[str]]:
     names = list(ALLOCATORS) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
     unknown = [n for n in names if n not in ALLOCATORS]
@@ -239,6 +257,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="notes (recipe) or blocks (medclf) per step")
     parser.add_argument("--eval-blocks", type=int, default=8, help="medclf's validation blocks, before and after")
     parser.add_argument("--allocator", default="default", help="default, tunables, tcmalloc (comma list) or all")
+    parser.add_argument("--step-steps", type=int, default=6, help="timed steps of the model-step benchmark")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each process per allocator (median kept)")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds allowed to each process")
     parser.add_argument("--workdir", default=None, help="keep runs and logs here (default: a temporary folder)")
@@ -257,10 +276,13 @@ def main() -> None:
 
     # Interleaved (medclf, recipe) pairs per allocator, so a noisy neighbour slows both alike.
     runs: dict[str, dict[str, list[dict]]] = {a: {p: [] for p in PROGRAMS} for a in allocators}
+    model_steps: dict[str, list[float]] = {a: [] for a in allocators}
     for repeat in range(args.repeats):
         for allocator in allocators:
             tag = f"{allocator}-{repeat}"
             cmds = commands(args, work, notes, validation, steps, tag)
+            print(f"running the model step ({allocator}, {repeat + 1}/{args.repeats})", file=sys.stderr, flush=True)
+            model_steps[allocator].append(model_step(args, work, tag, allocator_env(allocator)))
             for program in PROGRAMS:
                 n_steps, tokens = (trainer_steps, trainer_tokens) if program == "trainer" else (steps, medclf_tokens)
                 log_path = work / f"{program}-{tag}.log"
@@ -270,7 +292,9 @@ def main() -> None:
                 )
                 if program != "trainer":
                     metrics = json.loads((work / f"{program}-{tag}" / "mlm" / "metrics.json").read_text())
-                    figures["logged_steady_tokens_per_s"] = metrics["tokens_per_s"]
+                    figures["run_average_tokens_per_s"] = metrics["tokens_per_s"]  # first step included
+                    logged = [float(r) for r in LOGGED_RATE.findall(log_path.read_text(errors="replace"))][1:]
+                    figures["logged_median_tokens_per_s"] = statistics.median(logged) if logged else None
                 figures["log"] = str(log_path)
                 runs[allocator][program].append(figures)
 
@@ -282,9 +306,16 @@ def main() -> None:
     for allocator in allocators:
         chosen = {p: median_run(allocator, p) for p in PROGRAMS}
         stock = chosen["trainer"]["real_tokens_per_s"]
+        step = statistics.median(model_steps[allocator])
+        job = chosen["medclf"]
         per_allocator[allocator] = chosen | {
-            "ratio": chosen["medclf"]["real_tokens_per_s"] / stock,
+            "ratio": job["real_tokens_per_s"] / stock,
             "ratio_model_dropout": chosen["medclf-model-dropout"]["real_tokens_per_s"] / stock,
+            "model_step_tokens_per_s": step,
+            "loop_vs_step": job["steady_real_tokens_per_s"] / step,
+            "logged_loop_vs_step": job["logged_median_tokens_per_s"] / step
+            if job["logged_median_tokens_per_s"]
+            else None,
         }
     if "default" in per_allocator:
         base = per_allocator["default"]
@@ -327,7 +358,9 @@ def summary(result: dict) -> str:
             f"real tokens/s = {r['ratio']:.2f}× (with the model's attention dropout, as the recipe: "
             f"{same['real_tokens_per_s']:.0f} = {r['ratio_model_dropout']:.2f}×){effect}, "
             f"start-up {ours['startup_s']:.1f} s ({ours['startup_share']:.0%}) / "
-            f"{stock['startup_s']:.1f} s ({stock['startup_share']:.0%})"
+            f"{stock['startup_s']:.1f} s ({stock['startup_share']:.0%}); "
+            f"loop vs model step {r['loop_vs_step']:.0%} ({ours['steady_real_tokens_per_s']:.0f} vs "
+            f"{r['model_step_tokens_per_s']:.0f})"
         )
     return (
         f"whole job, {result['notes']} notes at {result['max_length']} tokens, batch {result['batch']}, "

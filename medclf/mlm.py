@@ -458,7 +458,7 @@ def log_step(
     state.history.append([step, loss, lr])
     if step % cfg.log_every == 0 or step == total_steps:
         progress.log(loss=loss, lr=lr)
-        t.accelerator.log({"train/loss": loss, "train/lr": lr, "train/tokens_per_s": progress.rate()}, step=step)
+        t.accelerator.log({"train/loss": loss, "train/lr": lr, "train/tokens_per_s": progress.last_rate}, step=step)
     if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
         val = evaluate(t, blocks, cfg.micro_batch_size)
         progress.log(val_loss=val["loss"], val_perplexity=val["perplexity"])

@@ -6,7 +6,6 @@ Jobs call these helpers; none of them hides the loop. See mlm.py and training.py
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import time
@@ -88,7 +87,10 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int, key
 
 
 class Progress:
-    """One progress bar on the main process, plus a log line of loss, lr, throughput and ETA."""
+    """One progress bar on the main process, plus a log line of loss, lr, throughput and ETA.
+
+    The line's throughput and ETA are over the steps since the previous line: the steady rate, not
+    one diluted by start-up (loading, DataLoader workers starting) or by an evaluation in between."""
 
     def __init__(self, accelerator: Accelerator, total: int, start: int = 0, desc: str = "train", unit: str = "tokens"):
         self.accelerator = accelerator
@@ -96,29 +98,28 @@ class Progress:
         self.bar = tqdm(
             total=total, initial=start, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True
         )
-        self.started, self.start_step, self.count = time.perf_counter(), start, 0.0
+        self.last_rate: Optional[float] = None  # units/s of the last line that had steps
+        self._window_started, self._window_steps, self._window_count = time.perf_counter(), 0, 0.0
 
     def update(self, count: float, **scalars: float) -> None:
         """One optimizer step done, having processed `count` units (tokens, examples) over all ranks."""
         self.step += 1
-        self.count += count
+        self._window_steps += 1
+        self._window_count += count
         self.bar.update(1)
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in scalars.items()}, refresh=False)
 
-    def rate(self) -> float:
-        return self.count / max(time.perf_counter() - self.started, 1e-9)
-
-    def eta_s(self) -> float:
-        done = self.step - self.start_step
-        if not done:
-            return math.inf
-        return (time.perf_counter() - self.started) / done * (self.total - self.step)
-
     def log(self, **scalars: float) -> None:
+        """The line `step N/M <scalars> <unit>/s R eta HH:MM:SS`; rate and ETA only after steps."""
+        now = time.perf_counter()
         shown = " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
-        eta = self.eta_s()
-        eta_text = "?" if math.isinf(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
-        message = f"step {self.step}/{self.total} {shown} {self.unit}/s {self.rate():.1f} eta {eta_text}"
+        if self._window_steps:
+            seconds = max(now - self._window_started, 1e-9)
+            self.last_rate = self._window_count / seconds
+            eta = time.strftime("%H:%M:%S", time.gmtime(seconds / self._window_steps * (self.total - self.step)))
+            shown += f" {self.unit}/s {self.last_rate:.1f} eta {eta}"
+        self._window_started, self._window_steps, self._window_count = now, 0, 0.0
+        message = f"step {self.step}/{self.total} {shown}"
         if self.accelerator.is_main_process:
             self.bar.write(message) if not self.bar.disable else log.info(message)
 
