@@ -128,7 +128,7 @@ class MlmSpec:
     attention_dropout: Optional[float] = opt(
         0.0,
         "dropout on attention probabilities while adapting; null: the checkpoint's own (0.1 in BERT). "
-        "0 lets sdpa run its fused kernel (on CPU 2.4x the step); chosen on a dev fold (README)",
+        "0 lets sdpa run its fused kernel (on CPU 2.6x the step at 512 tokens); chosen on a dev fold (README)",
     )
     epochs: int = opt(1, "passes over the training blocks")
     max_steps: Optional[int] = opt(None, "stop after this many optimizer steps, at least 1 (overrides epochs)")

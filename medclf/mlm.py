@@ -202,7 +202,7 @@ def attention_dropout_key(model_config: Any, cfg: Any) -> Optional[str]:
 
     Why 0 by default: with dropout on the attention probabilities, sdpa on CPU leaves its fused
     kernel for the math path and draws a mask over batch × heads × length² entries; at 512 tokens
-    that is 60% of a MiniLM step. On the dev fold, adapting without it did as well (README)."""
+    that is 62% of a MiniLM step. On the dev fold, adapting without it was no worse (README)."""
     if cfg.attention_dropout is None:
         return None
     for name in ATTENTION_DROPOUT_KEYS:
